@@ -1,0 +1,18 @@
+//! unet3d: dynamic 3D residual U-Nets for multi-task segmentation and regression.
+//!
+//! Layers, bottom to top: `device` (the compute backends: `cpu` now, `cuda` and `sim` to come),
+//! `tensor` and `autograd` (channels-last float32 tensors and the tape that differentiates them),
+//! `ops` (differentiable operations recorded on the tape), `loss` and `optim`, then the CLI.
+
+pub mod autograd;
+pub mod bench;
+pub mod cli;
+pub mod device;
+pub mod loss;
+pub mod ops;
+pub mod optim;
+pub mod tensor;
+
+pub use autograd::{Graph, ParamId, ParamStore, Var};
+pub use device::Device;
+pub use tensor::{Shape, Tensor};

@@ -1,0 +1,64 @@
+//! Helpers shared by the integration tests: fixture loading and error measures.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use unet3d::tensor::{Tensor, io, layout};
+
+/// Path of a file under tests/fixtures.
+pub fn fixture_path(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+}
+
+/// A fixture file (safetensors) under tests/fixtures.
+pub fn fixture(rel: &str) -> io::TensorFile {
+    io::load(&fixture_path(rel)).unwrap_or_else(|e| panic!("fixture {rel}: {e:#}"))
+}
+
+/// The fixture's `__metadata__["meta"]` JSON object.
+pub fn fixture_meta(f: &io::TensorFile) -> serde_json::Value {
+    serde_json::from_str(f.metadata.get("meta").expect("fixture has meta")).expect("meta is JSON")
+}
+
+/// Norm of the difference over norm of the reference (0 when both are zero).
+pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "lengths differ");
+    let diff: f64 = got.iter().zip(want).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum::<f64>().sqrt();
+    let norm: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum::<f64>().sqrt();
+    if norm == 0.0 { diff } else { diff / norm }
+}
+
+/// Asserts shape equality and relative error at most `tol`.
+pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shapes differ");
+    let e = rel_err(got.data(), want.data());
+    assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.0e}");
+}
+
+/// A PyTorch (N, C, D, H, W) tensor in unet3d's (N, D, H, W, C) layout.
+pub fn to_cl(t: &Tensor) -> Tensor {
+    layout::ncdhw_to_ndhwc(t).unwrap()
+}
+
+/// Relative error for float64 slices (gradient checks).
+pub fn rel_err64(got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len(), "lengths differ");
+    let diff: f64 = got.iter().zip(want).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+    let norm: f64 = want.iter().map(|b| b.powi(2)).sum::<f64>().sqrt();
+    if norm == 0.0 { diff } else { diff / norm }
+}
+
+/// Central finite-difference gradient of a scalar function of `x` (float64), step `h`.
+pub fn numeric_grad(x: &[f64], h: f64, mut f: impl FnMut(&[f64]) -> f64) -> Vec<f64> {
+    let mut xp = x.to_vec();
+    (0..x.len())
+        .map(|i| {
+            let orig = xp[i];
+            xp[i] = orig + h;
+            let fp = f(&xp);
+            xp[i] = orig - h;
+            let fm = f(&xp);
+            xp[i] = orig;
+            (fp - fm) / (2.0 * h)
+        })
+        .collect()
+}
