@@ -179,7 +179,10 @@ impl Graph {
                 if !target.requires_grad {
                     continue;
                 }
-                gi.expect_shape(&format!("gradient from {op} to its input {}", target.op), target.shape.dims())?;
+                gi.expect_shape(
+                    &format!("gradient from {op} to its input {}", target.op),
+                    target.shape.dims(),
+                )?;
                 match &mut target.grad {
                     Some(acc) => params::add_into(acc, &gi),
                     slot @ None => *slot = Some(gi),

@@ -25,9 +25,8 @@ impl Shape {
 
     /// The (N, D, H, W, C) dimensions of a channels-last volume batch.
     pub fn ndhwc(&self) -> anyhow::Result<[usize; 5]> {
-        <[usize; 5]>::try_from(self.0.as_slice()).map_err(|_| {
-            anyhow::anyhow!("expected a channels-last volume (N, D, H, W, C), got shape {self}")
-        })
+        <[usize; 5]>::try_from(self.0.as_slice())
+            .map_err(|_| anyhow::anyhow!("expected a channels-last volume (N, D, H, W, C), got shape {self}"))
     }
 
     /// The last dimension (channels for activations), or 1 for a scalar.

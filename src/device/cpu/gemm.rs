@@ -45,7 +45,14 @@ impl<'a, T> Mat<'a, T> {
 
 /// `c = beta_c * c + a * b` with `c` dense row-major `m x n` (`ldc` between rows).
 /// `accumulate` false overwrites `c`. Threads: `threads` > 1 lets the crate split the work with rayon.
-pub fn matmul<T: Real>(c: &mut [T], ldc: usize, a: Mat<'_, T>, b: Mat<'_, T>, accumulate: bool, threads: usize) {
+pub fn matmul<T: Real>(
+    c: &mut [T],
+    ldc: usize,
+    a: Mat<'_, T>,
+    b: Mat<'_, T>,
+    accumulate: bool,
+    threads: usize,
+) {
     let (m, k) = a.logical();
     let (kb, n) = b.logical();
     assert_eq!(k, kb, "matmul inner dimensions differ: {k} vs {kb}");
@@ -55,7 +62,12 @@ pub fn matmul<T: Real>(c: &mut [T], ldc: usize, a: Mat<'_, T>, b: Mat<'_, T>, ac
         return;
     }
     assert!(ldc >= n, "matmul: ldc {ldc} < n {n}");
-    assert!(c.len() >= (m - 1) * ldc + n, "matmul: output has {} elements, needs {}", c.len(), (m - 1) * ldc + n);
+    assert!(
+        c.len() >= (m - 1) * ldc + n,
+        "matmul: output has {} elements, needs {}",
+        c.len(),
+        (m - 1) * ldc + n
+    );
     if k == 0 {
         if !accumulate {
             for r in 0..m {

@@ -4,8 +4,6 @@
 //! float64 for finite-difference gradient checks. Activations are channels-last: a volume of shape
 //! (N, D, H, W, C) is stored with C fastest.
 
-
-
 use num_traits::Float;
 
 /// The float types the CPU kernels are written for (f32 for work, f64 for gradient checks).
@@ -22,9 +20,9 @@ impl Real for f32 {}
 impl Real for f64 {}
 
 pub mod activation;
-pub mod gemm;
 pub mod conv;
 pub mod elementwise;
+pub mod gemm;
 pub mod linear;
 pub mod loss;
 pub mod naive;
