@@ -1,0 +1,136 @@
+//! torch.optim.Adam (L2 weight decay) and AdamW (decoupled weight decay).
+
+use super::{Optimizer, OptimizerState, params_with_grads};
+use crate::device::cpu::optim::{AdamHyper, adam_step};
+use crate::{ParamStore, Tensor};
+use std::collections::BTreeMap;
+
+const EXP_AVG: &str = "exp_avg";
+const EXP_AVG_SQ: &str = "exp_avg_sq";
+
+impl Default for AdamHyper {
+    /// The seed's optimizer: AdamW, lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight decay 0.
+    fn default() -> Self {
+        AdamHyper { lr: 1e-3, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.0, decoupled: true }
+    }
+}
+
+impl AdamHyper {
+    /// "AdamW" or "Adam", the names PyTorch and the seed's config use.
+    pub fn kind(&self) -> &'static str {
+        if self.decoupled { "AdamW" } else { "Adam" }
+    }
+
+    /// The ranges torch.optim.Adam accepts.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let AdamHyper { lr, betas: (b1, b2), eps, weight_decay, .. } = *self;
+        let kind = self.kind();
+        anyhow::ensure!(lr >= 0.0 && lr.is_finite(), "{kind}: invalid learning rate {lr}");
+        anyhow::ensure!(eps >= 0.0 && eps.is_finite(), "{kind}: invalid eps {eps}");
+        anyhow::ensure!((0.0..1.0).contains(&b1), "{kind}: invalid beta1 {b1}, expected 0 <= beta1 < 1");
+        anyhow::ensure!((0.0..1.0).contains(&b2), "{kind}: invalid beta2 {b2}, expected 0 <= beta2 < 1");
+        anyhow::ensure!(
+            weight_decay >= 0.0 && weight_decay.is_finite(),
+            "{kind}: invalid weight_decay {weight_decay}"
+        );
+        Ok(())
+    }
+}
+
+/// One parameter's moments and the number of steps it has taken.
+struct Moments {
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: u64,
+}
+
+/// Adam or AdamW (after [`AdamHyper::decoupled`]), with bias correction; moments start at zero on
+/// a parameter's first step.
+pub struct Adam {
+    hyper: AdamHyper,
+    state: BTreeMap<String, Moments>,
+}
+
+impl Adam {
+    pub fn new(hyper: AdamHyper) -> anyhow::Result<Self> {
+        hyper.validate()?;
+        Ok(Adam { hyper, state: BTreeMap::new() })
+    }
+
+    pub fn hyper(&self) -> &AdamHyper {
+        &self.hyper
+    }
+}
+
+impl Optimizer for Adam {
+    fn step(&mut self, params: &mut ParamStore) -> anyhow::Result<()> {
+        let ids = params_with_grads(self.hyper.kind(), params, |name| {
+            self.state.get(name).map(|s| s.exp_avg.dims())
+        })?;
+        for id in ids {
+            let name = params.name(id).to_string();
+            let (p, g) = params.value_and_grad_mut(id);
+            let g = g.expect("checked to have a gradient").data();
+            let s = self.state.entry(name).or_insert_with(|| Moments {
+                exp_avg: Tensor::zeros(p.dims()),
+                exp_avg_sq: Tensor::zeros(p.dims()),
+                step: 0,
+            });
+            s.step += 1;
+            adam_step(p.data_mut(), g, s.exp_avg.data_mut(), s.exp_avg_sq.data_mut(), s.step, &self.hyper);
+        }
+        Ok(())
+    }
+
+    fn lr(&self) -> f64 {
+        self.hyper.lr
+    }
+
+    fn set_lr(&mut self, lr: f64) {
+        self.hyper.lr = lr;
+    }
+
+    fn export_state(&self) -> OptimizerState {
+        let mut tensors = BTreeMap::new();
+        for (n, s) in &self.state {
+            tensors.insert(format!("{EXP_AVG}.{n}"), s.exp_avg.clone());
+            tensors.insert(format!("{EXP_AVG_SQ}.{n}"), s.exp_avg_sq.clone());
+        }
+        let steps: BTreeMap<&str, u64> = self.state.iter().map(|(n, s)| (n.as_str(), s.step)).collect();
+        let AdamHyper { lr, betas, eps, weight_decay, .. } = self.hyper;
+        OptimizerState {
+            tensors,
+            meta: serde_json::json!({
+                "optimizer": self.hyper.kind(), "lr": lr, "betas": [betas.0, betas.1], "eps": eps,
+                "weight_decay": weight_decay, "step": steps,
+            }),
+        }
+    }
+
+    fn import_state(&mut self, params: &ParamStore, state: &OptimizerState) -> anyhow::Result<()> {
+        state.expect_kind(self.hyper.kind())?;
+        let hyper = AdamHyper {
+            lr: state.meta_value("lr")?,
+            betas: state.meta_value("betas")?,
+            eps: state.meta_value("eps")?,
+            weight_decay: state.meta_value("weight_decay")?,
+            decoupled: self.hyper.decoupled,
+        };
+        hyper.validate()?;
+        let mut steps: BTreeMap<String, u64> = state.meta_value("step")?;
+        let mut moments = BTreeMap::new();
+        for (name, ts) in state.by_param(params, &[EXP_AVG, EXP_AVG_SQ])? {
+            let step = steps.remove(&name).filter(|&s| s >= 1).ok_or_else(|| {
+                anyhow::anyhow!("optimizer state: parameter '{name}' has moments but no step count >= 1")
+            })?;
+            let [exp_avg, exp_avg_sq] = <[Tensor; 2]>::try_from(ts).expect("one tensor per slot");
+            moments.insert(name, Moments { exp_avg, exp_avg_sq, step });
+        }
+        if let Some(name) = steps.keys().next() {
+            anyhow::bail!("optimizer state: parameter '{name}' has a step count but no moments");
+        }
+        self.hyper = hyper;
+        self.state = moments;
+        Ok(())
+    }
+}
