@@ -1,6 +1,10 @@
 //! Compute backends. Every tensor carries the device it lives on.
 
 pub mod cpu;
+pub mod cuda;
+pub mod kernels;
+pub mod launch;
+pub mod sim;
 
 use std::fmt;
 use std::str::FromStr;

@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# The one prepared check for a lent GPU machine (H100/H200 with a CUDA 13 driver, nvcc, PyTorch and
+# cuDNN, but no Rust). It runs what scripts/prepare-gpu-carry.sh built here into gpu-carry/:
+#   1. every kernel's parity test against the CPU reference on cuda:0 at real sizes (and the
+#      execution-model tests of kernels/selftest.cu, which show that the sim and the GPU agree);
+#   2. compute-sanitizer: memcheck on a small run of the kernel tests, racecheck and synccheck on
+#      the execution-model kernels;
+#   3. the kernel benchmarks, PyTorch's times for the same ops on the same card, and the CPU conv
+#      benchmark of the release binary;
+# and writes $OUT/gpu-report.md (summary), tests.log, sanitizer.log and bench.md. Every step has a
+# time limit inside an overall budget of about 9 minutes; a failed step is reported, the rest run.
+#
+#   here:  bash scripts/prepare-gpu-carry.sh
+#   there: bash scripts/gpu-check.sh   (device tool: carry ["gpu-carry"], timeout_s 600)
+set -uo pipefail
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+carry="$root/gpu-carry"
+out="${OUT:-$root/gpu-report}"
+mkdir -p "$out"
+report="$out/gpu-report.md"
+tests_log="$out/tests.log"
+san_log="$out/sanitizer.log"
+bench="$out/bench.md"
+: >"$tests_log"
+: >"$san_log"
+: >"$bench"
+deadline=$(($(date +%s) + ${GPU_CHECK_BUDGET_S:-540}))
+failures=0
+
+for f in unet3d lib_tests sim_runtime sim_kernels; do
+  if [[ ! -x "$carry/$f" ]]; then
+    echo "gpu-check: $carry/$f is missing; run scripts/prepare-gpu-carry.sh where Rust is, and carry gpu-carry/" >&2
+    exit 2
+  fi
+done
+
+{
+  echo "# unet3d GPU check"
+  echo
+  echo '```'
+  cat "$carry/BUILD-INFO"
+  echo "run: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m), $(ldd --version 2>&1 | head -n 1)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1
+  (nvcc --version 2>&1 || echo "nvcc: not found") | tail -n 1
+  python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())' 2>&1 | tail -n 1
+  echo '```'
+  echo
+  echo "| step | result | seconds |"
+  echo "|---|---|---:|"
+} >"$report"
+
+# step NAME LIMIT_S LOG CMD...: runs CMD (output appended to LOG) within its limit and what is left
+# of the budget, and adds a row to the report.
+step() {
+  local name="$1" limit="$2" log="$3"
+  shift 3
+  local left=$((deadline - $(date +%s)))
+  if ((left < 10)); then
+    echo "| $name | skipped: time budget spent | 0 |" >>"$report"
+    failures=$((failures + 1))
+    return
+  fi
+  ((limit > left)) && limit=$left
+  echo "===== $name: $*" >>"$log"
+  local t0 rc
+  t0=$(date +%s)
+  timeout "$limit" "$@" >>"$log" 2>&1
+  rc=$?
+  local secs=$(($(date +%s) - t0)) result="ok"
+  if ((rc == 124)); then
+    result="FAILED: timed out after ${limit}s"
+  elif ((rc != 0)); then
+    result="FAILED (exit $rc)"
+  fi
+  if [[ "$result" != ok ]] && grep -q "Device not supported" "$log" 2>/dev/null && [[ "$name" == sanitizer* ]]; then
+    result="unavailable: compute-sanitizer does not support this device (gVisor?)"
+  elif [[ "$result" != ok ]]; then
+    failures=$((failures + 1))
+  fi
+  echo "| $name | $result | $secs |" >>"$report"
+  echo "$name: $result (${secs}s)"
+}
+
+export UNET3D_GPU_TESTS=1
+
+# 1. Parity at real sizes, and the execution model on the GPU.
+step "unit tests (cuda device)" 60 "$tests_log" "$carry/lib_tests" device::
+step "execution model (selftest kernels)" 90 "$tests_log" "$carry/sim_runtime"
+step "kernel parity vs CPU, real sizes" 200 "$tests_log" "$carry/sim_kernels"
+
+# 2. compute-sanitizer on small sizes (it slows kernels down by orders of magnitude).
+sanitizer="$(command -v compute-sanitizer || true)"
+for d in "${CUDA_HOME:-}" /usr/local/cuda /opt/cuda; do
+  [[ -z "$sanitizer" && -n "$d" && -x "$d/bin/compute-sanitizer" ]] && sanitizer="$d/bin/compute-sanitizer"
+done
+if [[ -n "$sanitizer" ]]; then
+  step "sanitizer memcheck: kernel tests" 150 "$san_log" \
+    env UNET3D_GPU_SMALL=1 "$sanitizer" --tool memcheck --error-exitcode 1 "$carry/sim_kernels" --test-threads 1
+  step "sanitizer memcheck: execution model" 60 "$san_log" \
+    "$sanitizer" --tool memcheck --error-exitcode 1 "$carry/sim_runtime" --test-threads 1
+  step "sanitizer racecheck: execution model" 60 "$san_log" \
+    "$sanitizer" --tool racecheck --error-exitcode 1 "$carry/sim_runtime" --test-threads 1
+  step "sanitizer synccheck: execution model" 60 "$san_log" \
+    "$sanitizer" --tool synccheck --error-exitcode 1 "$carry/sim_runtime" --test-threads 1
+else
+  echo "| sanitizer | unavailable: compute-sanitizer not found | 0 |" >>"$report"
+fi
+
+# 3. Benchmarks: ours, PyTorch's for the same ops and sizes, and the CPU conv table.
+echo "## unet3d kernels" >>"$bench"
+step "kernel benchmarks" 120 "$tests_log" \
+  env UNET3D_BENCH_OUT="$bench" "$carry/sim_kernels" --ignored kernel_throughput --test-threads 1
+echo "## PyTorch, same ops and sizes (channels_last_3d)" >>"$bench"
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+cat >"$tmp/torch_bench.py" <<'EOF'
+import torch
+import torch.nn.functional as F
+
+dev = torch.device("cuda:0")
+n, d, h, w, c = 2, 128, 128, 128, 32
+elems = n * d * h * w * c
+f = 4 * elems
+
+
+def cl(*dims):
+    """A channels-last (N, D, H, W, C) tensor viewed as PyTorch's (N, C, D, H, W)."""
+    return torch.rand(*dims, device=dev).sub_(0.5).permute(0, 4, 1, 2, 3)
+
+
+def time_ms(fn, reps=20):
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+a, b, g = cl(n, d, h, w, c), cl(n, d, h, w, c), cl(n, d, h, w, c)
+gate = cl(n, 1, 1, 1, c)
+p1, p2 = cl(n, d, h, w, c // 2), cl(n, d, h, w, c // 2)
+shape = f"[{n}, {d}, {h}, {w}, {c}]"
+rows = [
+    ("add", shape, 3 * f, lambda: a + b),
+    ("mul", shape, 3 * f, lambda: a * b),
+    ("gate multiply (N,1,1,1,C)", shape, 2 * f, lambda: a * gate),
+    ("gate multiply backward", shape, 5 * f, lambda: (g * gate, (g * a).sum((2, 3, 4), keepdim=True))),
+    ("leaky relu", shape, 2 * f, lambda: F.leaky_relu(a, 0.01)),
+    ("leaky relu backward", shape, 3 * f, lambda: torch.ops.aten.leaky_relu_backward(g, a, 0.01, False)),
+    ("sigmoid", shape, 2 * f, lambda: torch.sigmoid(a)),
+    ("softmax over channels", shape, 2 * f, lambda: torch.softmax(a, dim=1)),
+    ("spatial mean", shape, f, lambda: a.mean((2, 3, 4), keepdim=True)),
+    ("avg pool 2x2x2", shape, f + f // 8, lambda: F.avg_pool3d(a, 2)),
+    ("concat channels", f"2 x [{n}, {d}, {h}, {w}, {c // 2}]", 2 * f, lambda: torch.cat([p1, p2], dim=1)),
+]
+params = [torch.nn.Parameter(torch.rand(320 * 320 * 27, device=dev)) for _ in range(80)]
+for p in params:
+    p.grad = torch.rand_like(p)
+total = sum(p.numel() for p in params)
+opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=True)
+grads = [p.grad for p in params]
+pshape = f"{len(params)} tensors, {total} parameters"
+rows += [
+    ("adamw step (fused)", pshape, 28 * total, opt.step),
+    ("gradient norm (foreach)", pshape, 4 * total, lambda: torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item()),
+]
+print(f"PyTorch {torch.__version__} on {torch.cuda.get_device_name(0)}\n")
+print("| op | shape | ms | GB/s |\n|---|---|---:|---:|")
+for op, shp, nbytes, fn in rows:
+    ms = time_ms(fn)
+    print(f"| {op} | {shp} | {ms:.4f} | {nbytes / (ms * 1e6):.1f} |")
+EOF
+step "pytorch benchmarks" 120 "$bench" python3 "$tmp/torch_bench.py"
+echo "## CPU conv3d (unet3d bench conv --quick, on this machine's cores)" >>"$bench"
+step "cpu conv benchmark" 90 "$bench" "$carry/unet3d" bench conv --quick
+
+{
+  echo
+  if ((failures == 0)); then echo "**Result: PASS**"; else echo "**Result: FAILED ($failures steps)**"; fi
+  echo
+  echo "Test summaries (tests.log):"
+  echo '```'
+  grep -E "^test result|FAILED|panicked|notice:" "$tests_log" | head -n 60
+  echo '```'
+  if [[ -s "$san_log" ]]; then
+    echo "compute-sanitizer summaries (sanitizer.log):"
+    echo '```'
+    grep -E "ERROR SUMMARY|LEAK SUMMARY|RACECHECK SUMMARY|Device not supported|Error" "$san_log" | head -n 40
+    echo '```'
+  fi
+  echo
+  cat "$bench"
+} >>"$report"
+cat "$report"
+((failures == 0))
