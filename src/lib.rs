@@ -7,8 +7,10 @@
 pub mod autograd;
 pub mod bench;
 pub mod cli;
+pub mod config;
 pub mod device;
 pub mod loss;
+pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod tensor;

@@ -1,0 +1,135 @@
+//! `inference_config`: sliding-window prediction over a volume and what is written.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+
+use super::dataset::{Activation, TargetConfig, activation};
+use super::reader::{Section, boolean, choice, count_from, number_in, size3, string};
+use super::tree::Node;
+
+/// How a target's output array stores values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputType {
+    /// [0, 1] scaled to 0..255 (normals: [-1, 1] to 0..255).
+    Uint8,
+    /// As uint8, to 0..65535.
+    Uint16,
+    Float32,
+}
+
+const OUTPUT_TYPES: &[&str] = &["uint8", "uint16", "float32", "np.uint8", "np.uint16", "np.float32"];
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct InferenceConfig {
+    pub checkpoint_path: Option<PathBuf>,
+    /// The input volume (a Zarr path or URL); `unet3d infer` requires it.
+    pub input_path: Option<String>,
+    pub output_path: PathBuf,
+    /// (z, y, x); defaults to the training patch.
+    pub patch_size: [usize; 3],
+    /// Defaults to the training batch size.
+    pub batch_size: usize,
+    /// Fraction of a patch that neighbouring windows share: step = patch * (1 - overlap).
+    pub overlap: f64,
+    /// Targets written, in the order of `dataset_config.targets`.
+    pub output_targets: Vec<String>,
+    /// None: the seed's rule, uint16 for normals and uint8 for everything else.
+    pub output_type: Option<OutputType>,
+    /// Applied to each target's output before writing: (target, activation), one per target in
+    /// the order of `dataset_config.targets`.
+    pub activations: Vec<(String, Activation)>,
+    /// Test-time augmentation: average over all 8 combinations of flipping z, y and x.
+    pub mirroring: bool,
+    pub num_dataloader_workers: usize,
+}
+
+impl InferenceConfig {
+    pub fn output_type_for(&self, target: &TargetConfig) -> OutputType {
+        match self.output_type {
+            Some(t) => t,
+            None if target.is_normals() => OutputType::Uint16,
+            None => OutputType::Uint8,
+        }
+    }
+
+    pub fn activation(&self, target: &str) -> Option<Activation> {
+        self.activations.iter().find(|(t, _)| t == target).map(|(_, a)| *a)
+    }
+}
+
+const INFERENCE_IGNORED: &[(&str, &str)] = &[
+    ("type", "the seed ignores it too; output_type sets the output dtype"),
+    ("output_dir", "the seed ignores it too; output_path sets the output directory"),
+    ("load_all", "unet3d streams the input chunk by chunk, so memory stays bounded"),
+    ("load_strict", "unet3d always loads checkpoints strictly: names and shapes must match"),
+];
+
+/// Reads `inference_config`, whose patch and batch default to training's.
+pub(crate) fn read_inference_config(
+    mut s: Section<'_>,
+    targets: &[TargetConfig],
+    train_patch: [usize; 3],
+    train_batch: usize,
+) -> Result<InferenceConfig> {
+    let path = |n: &Node| string(n).map(PathBuf::from).map_err(|_| "a path (string)".to_string());
+    let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+    let zarr_only = |n: &Node| match n {
+        Node::Str(f) if f.eq_ignore_ascii_case("zarr") => Ok(()),
+        _ => Err("\"zarr\" (the only format; `unet3d convert` imports NIfTI)".to_string()),
+    };
+    s.get("input_format", (), &zarr_only)?;
+    s.get("output_format", (), &zarr_only)?;
+    let output_targets = s.get("output_targets", names.iter().map(|t| t.to_string()).collect(), &|n| {
+        let allowed = || format!("\"all\" or a list of target names ({})", names.join(", "));
+        let listed: Vec<String> = match n {
+            Node::Str(a) if a == "all" => return Ok(names.iter().map(|t| t.to_string()).collect()),
+            Node::Seq(items) => items.iter().map(string).collect::<Result<_, _>>().map_err(|_| allowed())?,
+            _ => return Err(allowed()),
+        };
+        if listed == ["all"] {
+            return Ok(names.iter().map(|t| t.to_string()).collect());
+        }
+        if listed.is_empty() || listed.iter().any(|t| !names.contains(&t.as_str())) {
+            return Err(allowed());
+        }
+        Ok(names.iter().filter(|t| listed.iter().any(|l| l == *t)).map(|t| t.to_string()).collect())
+    })?;
+    let output_type = s.optional("output_type", &|n| {
+        Ok([OutputType::Uint8, OutputType::Uint16, OutputType::Float32][choice(OUTPUT_TYPES)(n)? % 3])
+    })?;
+
+    let mut activations: Vec<(String, Activation)> =
+        targets.iter().map(|t| (t.name.clone(), t.activation)).collect();
+    for (name, mut t) in s.named_sections("targets")? {
+        let Some(target) = targets.iter().find(|t| t.name == name) else {
+            bail!("{}: not a target of dataset_config.targets ({})", t.path(), names.join(", "));
+        };
+        t.get("channels", target.channels, &|n| match count_from(1)(n) {
+            Ok(c) if c == target.channels => Ok(c),
+            _ => Err(format!("{} (dataset_config.targets.{name}.channels)", target.channels)),
+        })?;
+        let a = t.get("activation", target.activation, &activation)?;
+        activations.iter_mut().filter(|(n, _)| *n == name).for_each(|(_, slot)| *slot = a);
+        t.finish(&[("weight", "the seed ignores it too: weights scale training losses only")]);
+    }
+
+    let config = InferenceConfig {
+        checkpoint_path: s.optional("checkpoint_path", &path)?,
+        input_path: s.optional("input_path", &|n| string(n).map_err(|_| "a path or URL (string)".into()))?,
+        output_path: s.get("output_path", PathBuf::from("./outputs"), &path)?,
+        patch_size: s.get("patch_size", train_patch, &size3)?,
+        batch_size: s.get("batch_size", train_batch, &count_from(1))?,
+        overlap: s.get("overlap", 0.25, &|n| match number_in(0.0, 1.0)(n) {
+            Ok(x) if x < 1.0 => Ok(x),
+            _ => Err("a fraction in [0, 1)".into()),
+        })?,
+        output_targets,
+        output_type,
+        activations,
+        mirroring: s.get("mirroring", false, &boolean)?,
+        num_dataloader_workers: s.get("num_dataloader_workers", 4, &count_from(0))?,
+    };
+    s.finish(INFERENCE_IGNORED);
+    Ok(config)
+}
