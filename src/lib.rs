@@ -1,6 +1,6 @@
 //! unet3d: dynamic 3D residual U-Nets for multi-task segmentation and regression.
 //!
-//! Layers, bottom to top: `device` (the compute backends: `cpu` now, `cuda` and `sim` to come),
+//! Layers, bottom to top: `device` (the compute backends: `cpu`, `cuda` and `sim`, which runs the CUDA sources on the CPU),
 //! `tensor` and `autograd` (channels-last float32 tensors and the tape that differentiates them),
 //! `ops` (differentiable operations recorded on the tape), `loss` and `optim`, then the CLI.
 
@@ -11,6 +11,7 @@ pub mod config;
 pub mod device;
 pub mod loss;
 pub mod model;
+pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod tensor;

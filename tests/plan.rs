@@ -471,7 +471,7 @@ fn training_memory_adds_up_and_bounds_the_batch() {
         assert!(arch.training_memory([128; 3], b + 1, 2).unwrap().total() > budget);
         println!("{budget_gib} GiB -> batch {b}");
     }
-    let e = format!("{:#}", arch.max_batch_size([128; 3], 8 << 30, 2).unwrap_err());
+    let e = format!("{:#}", arch.max_batch_size([128; 3], 6 << 30, 2).unwrap_err());
     assert!(e.contains("even at batch 1") && e.contains("GiB"), "{e}");
     assert!(arch.training_memory([100; 3], 1, 2).is_err(), "an invalid patch is refused");
     assert!(arch.training_memory([128; 3], 0, 2).is_err());

@@ -1,5 +1,8 @@
 //! The `unet3d` command line: one subcommand per job.
 
+pub mod bench;
+pub mod plan;
+
 use clap::{Parser, Subcommand};
 
 /// Dynamic 3D residual U-Nets for multi-task segmentation and regression.
@@ -11,10 +14,18 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-enum Command {}
+enum Command {
+    /// Measure kernel throughput (conv3d, ...) on this machine.
+    Bench(bench::BenchArgs),
+    /// Print the network a config builds, its size and training memory; fail if it does not fit.
+    Plan(plan::PlanArgs),
+}
 
 impl Cli {
     pub fn run(self) -> anyhow::Result<()> {
-        match self.command {}
+        match self.command {
+            Command::Bench(args) => args.run(),
+            Command::Plan(args) => args.run(),
+        }
     }
 }

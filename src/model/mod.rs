@@ -3,14 +3,18 @@
 //! training it takes.
 
 pub mod arch;
+pub mod init;
+pub mod network;
 pub mod params;
 pub mod plan;
 pub mod size;
+pub mod weights;
 
 pub use arch::{
     ArchConfig, Architecture, Axes, Block, BlockKind, DecoderStage, EncoderBlock, Nonlin, Norm, PerStage,
     SePool, Target, se_reduced_channels,
 };
+pub use network::{Network, StepBenchmark, apply_activation, training_step_benchmark};
 pub use params::ParamSpec;
 pub use plan::{Topology, get_pool_and_conv_props};
 pub use size::MemoryEstimate;

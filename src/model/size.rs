@@ -16,16 +16,17 @@ pub const REFERENCE_BATCH_SIZE: f64 = 2.0;
 pub const MIN_BATCH_SIZE: usize = 2;
 
 /// float32 values kept per feature-map element (per sample) while training. The feature-map size
-/// counts each conv's output once. Our tape keeps every op's output until backward releases it,
-/// which per conv-norm-act is the conv output and the norm-act output (2x), plus in each residual
-/// block the branch sum and its activation, the average-pooled skip input and the skip's norm,
-/// and in the decoder the concatenation (twice the transposed conv's output): walking ResEncM's
-/// ops this way gives 2.69 to 2.74 per counted element (patches 40x56x40 to 192^3, isotropic and
-/// anisotropic). During backward, the gradients of the encoder's skip outputs wait for the
-/// encoder's turn, and the op being differentiated holds its upstream and input gradients (about
-/// three full-resolution maps at the top): about 0.5 more. 3.25 rounds 3.2 up; the estimate is
-/// derived, not measured, and excludes allocator fragmentation and kernel workspaces.
-pub const ACTIVATION_FACTOR: f64 = 3.25;
+/// counts each conv's output once; the tape also keeps the norm-act outputs, the residual sums,
+/// the pooled skips, the decoder's concatenations and the loss's buffers, and backward holds
+/// gradients of the skips while it works down. Measured with
+/// [`training_step_benchmark`](super::network::training_step_benchmark) (CPU, float32, Dice + CE
+/// with deep supervision; tests/model.rs `measure_training_step`) as the peak-memory difference
+/// between batch 2 and batch 1, which weights and gradients cancel out of: 2.76 for the model fixture's network (8 to 64
+/// features) at 8x32x32 and 16x64x64, 2.80 for ResEncM at 64^3 (5 stages). The earlier derived
+/// value, 3.25, overestimated that by 16%. At small patches of wide networks the peak falls
+/// elsewhere (1.8 for ResEncM at 32^3), so the estimate stays an upper bound there; it excludes
+/// allocator fragmentation and kernel workspaces.
+pub const ACTIVATION_FACTOR: f64 = 2.8;
 
 const F32_BYTES: u64 = 4;
 

@@ -1,0 +1,54 @@
+//! nnU-Net's initialisation (reference-spec 2.6), deterministic from a seed.
+
+use anyhow::Result;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, Normal};
+
+use super::arch::{Architecture, Block};
+use super::weights::from_torch;
+use crate::autograd::ParamStore;
+use crate::tensor::Tensor;
+
+/// LeakyReLU slope dynamic_network_architectures passes to kaiming_normal_.
+pub const HE_NEG_SLOPE: f64 = 0.01;
+
+/// kaiming_normal_(a=0.01, mode fan_in)'s standard deviation: sqrt(2 / (1 + a^2)) / sqrt(fan_in).
+pub fn he_std(fan_in: usize) -> f64 {
+    (2.0 / (1.0 + HE_NEG_SLOPE * HE_NEG_SLOPE)).sqrt() / (fan_in as f64).sqrt()
+}
+
+/// PyTorch's fan_in of a 5-D weight in its own layout: `shape[1] * prod(kernel)`, which for a
+/// transposed conv (C_in, C_out, k...) is C_out * k^3.
+pub fn torch_fan_in(torch_shape: &[usize]) -> usize {
+    torch_shape[1..].iter().product()
+}
+
+/// A fresh store for `arch`: He-normal conv, transposed-conv and squeeze-excitation weights,
+/// zero biases, norms gamma 1 and beta 0, except the last norm of every residual block (gamma 0,
+/// so each block starts as its shortcut). Weights are drawn in state-dict order and PyTorch's
+/// layout from one StdRng, so a seed gives the same weights whatever the layout.
+pub fn initialize(arch: &Architecture, seed: u64) -> Result<ParamStore> {
+    arch.validate()?;
+    let last_norm = match arch.block {
+        Block::BasicBlockD => ".conv2.norm.weight",
+        Block::BottleneckD { .. } => ".conv3.norm.weight",
+    };
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut store = ParamStore::new();
+    for spec in arch.param_specs() {
+        let n = spec.numel();
+        let data = if spec.shape.len() == 5 {
+            let normal = Normal::new(0.0, he_std(torch_fan_in(&spec.shape)))?;
+            (0..n).map(|_| normal.sample(&mut rng) as f32).collect()
+        } else if spec.name.ends_with(".norm.weight") {
+            let zero = spec.name.starts_with("encoder.stages.") && spec.name.ends_with(last_norm);
+            vec![if zero { 0.0 } else { 1.0 }; n]
+        } else {
+            vec![0.0; n]
+        };
+        let t = Tensor::from_vec(spec.shape.clone(), data)?;
+        store.add(&spec.name, from_torch(&spec.name, &t)?)?;
+    }
+    Ok(store)
+}

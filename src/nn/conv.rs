@@ -1,0 +1,148 @@
+//! Convolutions and the conv-norm-act unit (dynamic_network_architectures' ConvDropoutNormReLU
+//! without dropout; its `all_modules.*` names are aliases of `conv.*` and `norm.*`).
+
+use super::{LayerSettings, bind};
+use crate::autograd::{Graph, ParamId, ParamStore, Var};
+use crate::device::cpu::activation::Act;
+use crate::ops::{conv, norm};
+use crate::tensor::Tensor;
+use anyhow::{Context, Result};
+
+/// What a conv computes: channels in and out, kernel, stride, and whether it has a bias.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvSpec {
+    pub cin: usize,
+    pub cout: usize,
+    pub kernel: [usize; 3],
+    pub stride: [usize; 3],
+    pub bias: bool,
+}
+
+impl ConvSpec {
+    /// A 1x1x1 stride-1 conv (heads, skip projections, squeeze-excitation).
+    pub fn pointwise(cin: usize, cout: usize, bias: bool) -> Self {
+        ConvSpec { cin, cout, kernel: [1; 3], stride: [1; 3], bias }
+    }
+}
+
+/// A 3D convolution with "same" padding: `{prefix}.weight` (K, T, R, S, C) and `{prefix}.bias` (K).
+#[derive(Debug, Clone)]
+pub struct Conv {
+    name: String,
+    weight: ParamId,
+    bias: Option<ParamId>,
+    stride: [usize; 3],
+}
+
+impl Conv {
+    pub fn bind(store: &ParamStore, prefix: &str, spec: ConvSpec) -> Result<Self> {
+        let ConvSpec { cin, cout, kernel: [t, r, s], stride, bias } = spec;
+        let weight = bind(store, &format!("{prefix}.weight"), &[cout, t, r, s, cin])?;
+        let bias = bias.then(|| bind(store, &format!("{prefix}.bias"), &[cout])).transpose()?;
+        Ok(Conv { name: prefix.to_string(), weight, bias, stride })
+    }
+
+    pub fn forward(&self, g: &mut Graph, store: &ParamStore, x: Var) -> Result<Var> {
+        let w = g.param(store, self.weight);
+        let b = self.bias.map(|b| g.param(store, b));
+        conv::conv3d(g, x, w, b, self.stride).with_context(|| format!("layer {}", self.name))
+    }
+}
+
+/// The decoder's upsampling: a transposed conv with kernel = stride, `{prefix}.weight`
+/// (C_in, T, R, S, C_out) and `{prefix}.bias` (C_out).
+#[derive(Debug, Clone)]
+pub struct TransposedConv {
+    name: String,
+    weight: ParamId,
+    bias: Option<ParamId>,
+    stride: [usize; 3],
+}
+
+impl TransposedConv {
+    pub fn bind(
+        store: &ParamStore,
+        prefix: &str,
+        channels: [usize; 2],
+        stride: [usize; 3],
+        bias: bool,
+    ) -> Result<Self> {
+        let [cin, cout] = channels;
+        let weight = bind(store, &format!("{prefix}.weight"), &[cin, stride[0], stride[1], stride[2], cout])?;
+        let bias = bias.then(|| bind(store, &format!("{prefix}.bias"), &[cout])).transpose()?;
+        Ok(TransposedConv { name: prefix.to_string(), weight, bias, stride })
+    }
+
+    pub fn forward(&self, g: &mut Graph, store: &ParamStore, x: Var) -> Result<Var> {
+        let w = g.param(store, self.weight);
+        let b = self.bias.map(|b| g.param(store, b));
+        conv::conv_transpose3d(g, x, w, b, self.stride).with_context(|| format!("layer {}", self.name))
+    }
+}
+
+/// Instance norm fused with an activation: `{prefix}.weight` and `{prefix}.bias` (C) when affine,
+/// otherwise the identity affine (gamma 1, beta 0) as a constant.
+#[derive(Debug, Clone)]
+pub struct InstanceNorm {
+    name: String,
+    affine: Option<(ParamId, ParamId)>,
+    channels: usize,
+    eps: f64,
+    act: Act,
+}
+
+impl InstanceNorm {
+    pub fn bind(
+        store: &ParamStore,
+        prefix: &str,
+        channels: usize,
+        s: &LayerSettings,
+        act: Act,
+    ) -> Result<Self> {
+        let affine = if s.norm_affine {
+            let gamma = bind(store, &format!("{prefix}.weight"), &[channels])?;
+            Some((gamma, bind(store, &format!("{prefix}.bias"), &[channels])?))
+        } else {
+            None
+        };
+        Ok(InstanceNorm { name: prefix.to_string(), affine, channels, eps: s.norm_eps, act })
+    }
+
+    pub fn forward(&self, g: &mut Graph, store: &ParamStore, x: Var) -> Result<Var> {
+        let (gamma, beta) = match self.affine {
+            Some((gamma, beta)) => (g.param(store, gamma), g.param(store, beta)),
+            None => {
+                (g.constant(Tensor::full([self.channels], 1.0)), g.constant(Tensor::zeros([self.channels])))
+            }
+        };
+        norm::instance_norm_act(g, x, gamma, beta, self.eps, self.act)
+            .with_context(|| format!("layer {}", self.name))
+    }
+}
+
+/// conv -> instance norm -> activation (`Act::None` for the last conv of a residual branch and
+/// the skip projection): `{prefix}.conv.*` and `{prefix}.norm.*`.
+#[derive(Debug, Clone)]
+pub struct ConvNormAct {
+    conv: Conv,
+    norm: InstanceNorm,
+}
+
+impl ConvNormAct {
+    pub fn bind(
+        store: &ParamStore,
+        prefix: &str,
+        spec: ConvSpec,
+        s: &LayerSettings,
+        act: Act,
+    ) -> Result<Self> {
+        let conv = Conv::bind(store, &format!("{prefix}.conv"), spec)?;
+        let norm = InstanceNorm::bind(store, &format!("{prefix}.norm"), spec.cout, s, act)?;
+        Ok(ConvNormAct { conv, norm })
+    }
+
+    pub fn forward(&self, g: &mut Graph, store: &ParamStore, x: Var) -> Result<Var> {
+        let y = self.conv.forward(g, store, x)?;
+        self.norm.forward(g, store, y)
+    }
+}
