@@ -604,7 +604,7 @@ fn plan_command_prints_the_report_and_refuses_what_does_not_fit() {
     let out = Command::new(exe)
         .args(["plan", "--config"])
         .arg(&config)
-        .args(["--set", "tr_setup.vram_max=100MB", "--set", "tr_config.batch_sise=2"])
+        .args(["--set", "tr_setup.vram_max=50MB", "--set", "tr_config.batch_sise=2"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -613,7 +613,7 @@ fn plan_command_prints_the_report_and_refuses_what_does_not_fit() {
         stderr.contains("warning: tr_config.batch_sise: unknown key (did you mean batch_size?)"),
         "{stderr}"
     );
-    assert!(stderr.contains("does not fit tr_setup.vram_max 0.10 GB"), "{stderr}");
+    assert!(stderr.contains("does not fit tr_setup.vram_max 0.05 GB"), "{stderr}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("does NOT fit"));
 
     let out = Command::new(exe).args(["plan", "--config", "/nonexistent.yaml"]).output().unwrap();
