@@ -231,14 +231,20 @@ fn fast_transposed_conv_matches_naive_on_random_shapes() {
     }
 }
 
-/// Deep-layer regime: few voxels and a large weight (one tile, so the weight gradient splits the
-/// output channels; the flipped weight of backward-data is transposed in parallel), on pools of
-/// 1, 2 and 3 threads.
+/// Deep-layer regime: few voxels and a large weight (the weight gradient splits the output
+/// channels, alone or together with groups of tiles; the flipped weight of backward-data is
+/// transposed in parallel), on pools of 1, 2, 3 and 8 threads.
 #[test]
 fn deep_layer_shapes_match_naive_on_any_thread_count() {
     let mut rng = StdRng::seed_from_u64(13);
-    for (input, stride) in [([4, 4, 4], [1, 1, 1]), ([5, 6, 5], [2, 2, 2]), ([3, 4, 4], [1, 2, 1])] {
-        let d = ConvDims { n: 1, input, cin: 64, cout: 40, kernel: [3; 3], stride };
+    let cases = [
+        (1, [4, 4, 4], [1, 1, 1], 40),
+        (1, [5, 6, 5], [2, 2, 2], 40),
+        (1, [3, 4, 4], [1, 2, 1], 24),
+        (2, [4, 4, 4], [1, 1, 1], 80),
+    ];
+    for (n, input, stride, cout) in cases {
+        let d = ConvDims { n, input, cin: 64, cout, kernel: [3; 3], stride };
         let x: Vec<f32> = random(&mut rng, d.x_len());
         let w: Vec<f32> = random(&mut rng, d.w_len());
         let gy: Vec<f32> = random(&mut rng, d.y_len());
@@ -246,10 +252,10 @@ fn deep_layer_shapes_match_naive_on_any_thread_count() {
         naive::conv3d_forward(&mut want.0, &x, &w, None, &d);
         naive::conv3d_backward_data(&mut want.1, &gy, &w, &d);
         naive::conv3d_backward_weight(&mut want.2, &gy, &x, &d);
-        for threads in 1..=3 {
+        for threads in [1, 2, 3, 8] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let what = format!("{d:?} on {threads} threads");
-            let mut got = (vec![0.0; d.y_len()], vec![0.0; d.x_len()], vec![0.0; d.w_len()]);
+            let mut got = (vec![0.0; d.y_len()], vec![0.0; d.x_len()], vec![f32::NAN; d.w_len()]);
             on(Some(&pool), || {
                 conv::conv3d_forward(&mut got.0, &x, &w, None, &d);
                 conv::conv3d_backward_data(&mut got.1, &gy, &w, &d);

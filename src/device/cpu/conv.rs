@@ -283,9 +283,10 @@ fn forward_gemm<T: Real>(y: &mut [T], x: &[T], w: &[T], b: Option<&[T]>, g: &Geo
     y.par_chunks_mut(rows * k).enumerate().for_each_init(Vec::new, tile);
 }
 
-/// `gw = gy^T * im2col(x)`. The tiles fall into a fixed number of groups that each sum into their
-/// own partial, added in group order at the end (deterministic for a given thread count); in deep
-/// layers (few voxels, a large weight) the output channels are split into blocks instead.
+/// `gw = gy^T * im2col(x)`. The tiles fall into a fixed number of groups: the first sums straight
+/// into `gw`, each other into its own partial, added in group order at the end (deterministic for
+/// a given thread count). In deep layers (few voxels, a large weight) the output channels are
+/// split into blocks as well.
 fn weight_grad_gemm<T: Real>(gw: &mut [T], gy: &[T], x: &[T], g: &Geom) {
     let (cols, k, m) = (g.cols(), g.cout, g.rows());
     let rows = g.tile_rows();
@@ -293,29 +294,45 @@ fn weight_grad_gemm<T: Real>(gw: &mut [T], gy: &[T], x: &[T], g: &Geom) {
     let threads = rayon::current_num_threads();
     // An extra group costs one K x J partial sum, an extra channel block a second gather of the
     // im2col rows: split the channels when there are fewer voxels than that.
-    let kblocks = if g.macs() >= PAR_MACS && m < 2 * k { threads.min(k.div_ceil(16)) } else { 1 };
+    let split = if g.macs() >= PAR_MACS && m < 2 * k { threads.min(k.div_ceil(16)) } else { 1 };
+    let kb = k.div_ceil(split).max(1);
+    let kblocks = k.div_ceil(kb).max(1);
     let groups = tiles.min(threads.div_ceil(kblocks)).max(1);
-    let span = |b: usize| b * k / kblocks..(b + 1) * k / kblocks;
-    let partial = |task: usize| {
-        let (grp, ks) = (task / kblocks, span(task % kblocks));
-        let mut acc = vec![T::zero(); ks.len() * cols];
+    // Sums the tiles of group `grp` for the output channels of block `b` into `out`.
+    let sum_group = |grp: usize, b: usize, out: &mut [T]| {
+        let (k0, width) = (b * kb, out.len() / cols.max(1));
         let mut buf = Vec::new();
-        for t in grp * tiles / groups..(grp + 1) * tiles / groups {
+        let range = grp * tiles / groups..(grp + 1) * tiles / groups;
+        if range.is_empty() {
+            out.fill(T::zero());
+        }
+        for (i, t) in range.enumerate() {
             let (m0, r) = (t * rows, rows.min(m - t * rows));
             let a = im2col_tile(&mut buf, x, g, m0, r);
-            let gyt = Mat { data: &gy[m0 * k + ks.start..], rows: r, cols: ks.len(), ld: k, trans: false };
-            matmul(&mut acc, cols, gyt.t(), Mat::new(a, r, cols), true, 1);
+            let gyt = Mat { data: &gy[m0 * k + k0..], rows: r, cols: width, ld: k, trans: false };
+            matmul(out, cols, gyt.t(), Mat::new(a, r, cols), i > 0, 1);
         }
-        acc
     };
-    let parts: Vec<Vec<T>> = (0..groups * kblocks).into_par_iter().map(partial).collect();
-    for b in 0..kblocks {
-        let ks = span(b);
-        let out = &mut gw[ks.start * cols..ks.end * cols];
-        out.copy_from_slice(&parts[b]);
-        let rest: Vec<&[T]> = (1..groups).map(|grp| parts[grp * kblocks + b].as_slice()).collect();
+    let serial = groups * kblocks == 1;
+    let (_, parts) = rayon::join(
+        || for_each_chunk(gw, kb * cols, serial, |b, out| sum_group(0, b, out)),
+        || {
+            let partial = |task: usize| {
+                let (grp, b) = (1 + task / kblocks, task % kblocks);
+                let mut out = vec![T::zero(); (kb.min(k - b * kb)) * cols];
+                sum_group(grp, b, &mut out);
+                out
+            };
+            (0..(groups - 1) * kblocks).into_par_iter().map(partial).collect::<Vec<Vec<T>>>()
+        },
+    );
+    if parts.is_empty() {
+        return;
+    }
+    for (b, out) in gw.chunks_mut(kb * cols).enumerate() {
+        let rest: Vec<&[T]> = (0..groups - 1).map(|grp| parts[grp * kblocks + b].as_slice()).collect();
         const CHUNK: usize = 1 << 14;
-        for_each_chunk(out, CHUNK, rest.is_empty(), |i, o| {
+        for_each_chunk(out, CHUNK, false, |i, o| {
             for p in &rest {
                 o.iter_mut().zip(&p[i * CHUNK..]).for_each(|(o, &v)| *o = *o + v);
             }
