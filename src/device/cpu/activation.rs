@@ -60,7 +60,7 @@ pub fn act_backward<T: Real>(gx: &mut [T], gy: &[T], x: &[T], act: Act) {
 
 /// The logistic function, without overflow for either sign of `x`.
 #[inline(always)]
-fn sigmoid<T: Real>(x: T) -> T {
+pub(crate) fn sigmoid<T: Real>(x: T) -> T {
     if x >= T::zero() {
         T::one() / (T::one() + (-x).exp())
     } else {

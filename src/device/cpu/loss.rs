@@ -6,6 +6,7 @@
 //! Label maps hold class indices as floats; callers check that they are integers in 0..C.
 
 use super::Real;
+use super::activation::sigmoid;
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -50,15 +51,6 @@ fn group_sums(
 /// Runs `f(first_voxel, chunk)` in parallel over blocks of `gx`, which holds `c` values per voxel.
 fn for_blocks<T: Real>(gx: &mut [T], c: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     gx.par_chunks_mut(BLOCK * c).enumerate().for_each(|(b, chunk)| f(b * BLOCK, chunk));
-}
-
-fn sigmoid<T: Real>(x: T) -> T {
-    if x >= T::zero() {
-        T::one() / (T::one() + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (T::one() + e)
-    }
 }
 
 /// BCE with logits, `max(x, 0) - x t + log(1 + exp(-|x|))`: PyTorch's overflow-free form.
