@@ -8,13 +8,16 @@ pub mod autograd;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod data;
 pub mod device;
+pub mod infer;
 pub mod loss;
 pub mod model;
 pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod tensor;
+pub mod train;
 
 pub use autograd::{Graph, ParamId, ParamStore, Var};
 pub use device::Device;

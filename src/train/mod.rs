@@ -1,0 +1,7 @@
+//! Training: the loop, checkpoints, validation metrics and logs.
+
+pub mod checkpoint;
+pub mod gif;
+pub mod log;
+pub mod metrics;
+pub mod tensorboard;
