@@ -207,7 +207,7 @@ fn build_fatbin(nvcc: &Path, kdir: &Path, out: &Path, sources: &[PathBuf]) {
     fs::write(&tu_path, tu).expect("writing the nvcc translation unit");
     let fatbin = out.join("unet3d_kernels.fatbin");
     let mut cmd = Command::new(nvcc);
-    cmd.args(["-fatbin", "-std=c++17", "-O3", "-lineinfo"]).arg("-I").arg(kdir);
+    cmd.args(["-fatbin", "-std=c++17", "-O3"]).arg("-I").arg(kdir);
     for a in SASS_ARCHS {
         cmd.arg("-gencode").arg(format!("arch=compute_{a},code=sm_{a}"));
     }

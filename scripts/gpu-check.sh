@@ -89,6 +89,23 @@ export UNET3D_GPU_TESTS=1
 step "unit tests (cuda device)" 60 "$tests_log" "$carry/lib_tests" device::
 step "execution model (selftest kernels)" 90 "$tests_log" "$carry/sim_runtime"
 step "kernel parity vs CPU, real sizes" 200 "$tests_log" "$carry/sim_kernels"
+# The conv kernels (kernels/conv.cu) are tested and benchmarked by the sim_conv executable, there
+# when scripts/prepare-gpu-carry.sh builds `--test sim_conv`.
+have_conv=0
+[[ -x "$carry/sim_conv" ]] && have_conv=1
+if ((have_conv)); then
+  step "conv parity vs CPU, real sizes" 120 "$tests_log" "$carry/sim_conv"
+else
+  echo "| conv parity and benchmarks | skipped: gpu-carry/sim_conv not built | 0 |" >>"$report"
+fi
+# The fused norm / SE / loss kernels: the sim_fused executable (prepare-gpu-carry.sh `--test sim_fused`).
+have_fused=0
+[[ -x "$carry/sim_fused" ]] && have_fused=1
+if ((have_fused)); then
+  step "fused norm/SE/loss parity vs CPU, real sizes" 120 "$tests_log" "$carry/sim_fused"
+else
+  echo "| fused kernel parity and benchmarks | skipped: gpu-carry/sim_fused not built | 0 |" >>"$report"
+fi
 
 # 2. compute-sanitizer on small sizes (it slows kernels down by orders of magnitude).
 sanitizer="$(command -v compute-sanitizer || true)"
@@ -104,6 +121,14 @@ if [[ -n "$sanitizer" ]]; then
     "$sanitizer" --tool racecheck --error-exitcode 1 "$carry/sim_runtime" --test-threads 1
   step "sanitizer synccheck: execution model" 60 "$san_log" \
     "$sanitizer" --tool synccheck --error-exitcode 1 "$carry/sim_runtime" --test-threads 1
+  # The sim runs a block's threads cooperatively, so it cannot see shared-memory races: the
+  # conv kernels' double-buffered tiles are checked here, on the small shapes of their tests.
+  if ((have_conv)); then
+    for tool in memcheck racecheck synccheck; do
+      step "sanitizer $tool: conv kernels" 90 "$san_log" \
+        "$sanitizer" --tool "$tool" --error-exitcode 1 "$carry/sim_conv" --skip real_layer --skip conv_benchmarks --test-threads 1
+    done
+  fi
 else
   echo "| sanitizer | unavailable: compute-sanitizer not found | 0 |" >>"$report"
 fi
@@ -179,6 +204,19 @@ EOF
 step "pytorch benchmarks" 120 "$bench" python3 "$tmp/torch_bench.py"
 echo "## CPU conv3d (unet3d bench conv --quick, on this machine's cores)" >>"$bench"
 step "cpu conv benchmark" 90 "$bench" "$carry/unet3d" bench conv --quick
+if ((have_conv)); then
+  echo "## conv3d / conv_transpose3d: unet3d vs cuDNN (ours / cuDNN > 1: ours is faster)" >>"$bench"
+  step "conv benchmarks" 150 "$tests_log" \
+    env UNET3D_BENCH_OUT="$tmp/conv_ours.md" "$carry/sim_conv" --ignored conv_throughput --test-threads 1
+  step "cudnn conv benchmarks, joined" 150 "$bench" python3 scripts/gpu-bench-torch.py --ours "$tmp/conv_ours.md"
+fi
+if ((have_fused)); then
+  echo "## instance norm, SE, Dice + CE: unet3d vs PyTorch eager (ours / PyTorch > 1: ours is faster)" >>"$bench"
+  step "fused kernel benchmarks" 90 "$tests_log" \
+    env UNET3D_BENCH_OUT="$tmp/fused_ours.md" "$carry/sim_fused" --ignored fused_throughput --test-threads 1
+  step "pytorch fused benchmarks, joined" 90 "$bench" \
+    python3 scripts/gpu-bench-torch.py --fused --ours "$tmp/fused_ours.md"
+fi
 
 {
   echo

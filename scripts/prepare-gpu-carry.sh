@@ -21,12 +21,12 @@ cargo build --release --locked --target-dir "$target" --bin unet3d
 tests_json="$(mktemp)"
 trap 'rm -f "$tests_json"' EXIT
 cargo test --release --locked --target-dir "$target" --no-run --message-format=json \
-  --lib --test sim_runtime --test sim_kernels >"$tests_json"
+  --lib --test sim_runtime --test sim_kernels --test sim_conv --test sim_fused >"$tests_json"
 
 rm -rf "$carry"
 mkdir -p "$carry"
 cp "$target/release/unet3d" "$carry/unet3d"
-# One executable per test target: lib (the unit tests), sim_runtime, sim_kernels.
+# One executable per test target: lib (the unit tests), sim_runtime, sim_kernels, sim_conv, sim_fused.
 jq -r 'select(.reason == "compiler-artifact" and .executable != null and .profile.test == true)
        | "\(.target.kind[0]) \(.target.name) \(.executable)"' "$tests_json" |
   while read -r kind name exe; do
@@ -36,7 +36,7 @@ jq -r 'select(.reason == "compiler-artifact" and .executable != null and .profil
 for f in "$carry"/*; do
   strip --strip-debug "$f"
 done
-for f in unet3d lib_tests sim_runtime sim_kernels; do
+for f in unet3d lib_tests sim_runtime sim_kernels sim_conv sim_fused; do
   [[ -x "$carry/$f" ]] || { echo "prepare-gpu-carry: $f was not built" >&2; exit 1; }
 done
 

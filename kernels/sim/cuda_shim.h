@@ -267,6 +267,103 @@ inline T __ldg(const T* p) {
   return *p;
 }
 
+// ---- nvcuda::wmma, TF32 m16n16k8 only (kernels/conv.cu) -----------------------------------------
+// Every lane holds the whole tile (the element mapping of a fragment is opaque, so this mapping is
+// legal): element-wise loops over `x[0..num_elements)` behave as on a GPU, and mma_sync is one
+// lane's full product. As on a GPU, pointers must be 256-bit aligned and ldm a multiple of 4, and
+// the tensor core ignores the 13 low mantissa bits of an operand that was not rounded to TF32.
+
+namespace nvcuda {
+namespace wmma {
+
+struct row_major {};
+struct col_major {};
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+namespace precision {
+struct tf32 {};
+}  // namespace precision
+enum layout_t { mem_row_major, mem_col_major };
+
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 8, "the sim emulates wmma m16n16k8 only");
+  static_assert(std::is_same<Use, accumulator>::value ? std::is_same<T, float>::value
+                                                      : std::is_same<T, precision::tf32>::value,
+                "the sim emulates tf32 operand and float accumulator fragments only");
+  static constexpr int rows = std::is_same<Use, matrix_b>::value ? K : M;
+  static constexpr int cols = std::is_same<Use, matrix_a>::value ? K : N;
+  static constexpr int num_elements = rows * cols;
+  float x[num_elements];
+};
+
+/// cvt.rna.tf32.f32: round to nearest, ties away from zero, to 10 mantissa bits.
+inline float __float_to_tf32(float in) {
+  unsigned b = __float_as_uint(in);
+  if ((b & 0x7f800000u) != 0x7f800000u) b = (b + 0x1000u) & 0xffffe000u;
+  return __uint_as_float(b);
+}
+
+inline void check_tile(const void* p, unsigned ldm) {
+  if (reinterpret_cast<std::uintptr_t>(p) % 32 != 0 || ldm % 4 != 0) {
+    ::unet3d_sim::fail("wmma: pointer %p is not 256-bit aligned or ldm %u is not a multiple of 4", p, ldm);
+  }
+}
+
+template <class F>
+inline void load_tile(F& f, const float* p, unsigned ldm, bool row) {
+  check_tile(p, ldm);
+  for (int i = 0; i < F::rows; ++i) {
+    for (int j = 0; j < F::cols; ++j) f.x[i * F::cols + j] = row ? p[i * ldm + j] : p[i + j * ldm];
+  }
+}
+
+template <class Use, int M, int N, int K, class T, class Layout>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const float* p, unsigned ldm) {
+  static_assert(!std::is_same<Use, accumulator>::value, "accumulator loads take a layout");
+  load_tile(f, p, ldm, std::is_same<Layout, row_major>::value);
+}
+
+template <int M, int N, int K>
+inline void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const float* p, unsigned ldm, layout_t l) {
+  load_tile(f, p, ldm, l == mem_row_major);
+}
+
+template <int M, int N, int K>
+inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm, layout_t l) {
+  check_tile(p, ldm);
+  for (int i = 0; i < M; ++i) {
+    for (int j = 0; j < N; ++j) (l == mem_row_major ? p[i * ldm + j] : p[i + j * ldm]) = f.x[i * N + j];
+  }
+}
+
+template <class F>
+inline void fill_fragment(F& f, float v) {
+  for (int i = 0; i < F::num_elements; ++i) f.x[i] = v;
+}
+
+inline float tf32_operand(float v) { return __uint_as_float(__float_as_uint(v) & 0xffffe000u); }
+
+template <int M, int N, int K, class LA, class LB>
+inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, precision::tf32, LA>& a,
+                     const fragment<matrix_b, M, N, K, precision::tf32, LB>& b,
+                     const fragment<accumulator, M, N, K, float>& c) {
+  __syncwarp();  // a warp-wide operation: every lane must take part
+  float out[M * N];
+  for (int i = 0; i < M; ++i) {
+    for (int j = 0; j < N; ++j) {
+      float acc = c.x[i * N + j];
+      for (int k = 0; k < K; ++k) acc += tf32_operand(a.x[i * K + k]) * tf32_operand(b.x[k * N + j]);
+      out[i * N + j] = acc;
+    }
+  }
+  std::memcpy(d.x, out, sizeof out);
+}
+
+}  // namespace wmma
+}  // namespace nvcuda
+
 // ---- what build.rs generates per kernel: a trampoline and the parameter signature ----------------
 
 namespace unet3d_sim {

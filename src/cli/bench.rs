@@ -59,8 +59,11 @@ impl BenchArgs {
             Kernel::Kernels { device, quick } => {
                 let gpu = Gpu::open(&device)?;
                 let quick = quick || gpu.is_sim();
-                let rows = kernel_bench::run(&gpu, &KernelBenchOptions { quick })?;
+                let mut rows = kernel_bench::run(&gpu, &KernelBenchOptions { quick })?;
+                rows.extend(kernel_bench::run_fused(&gpu, &KernelBenchOptions { quick })?);
                 print!("{}", kernel_bench::format_table(&gpu, &rows));
+                let conv_rows = kernel_bench::run_conv(&gpu, &KernelBenchOptions { quick })?;
+                print!("\n{}", kernel_bench::format_conv_table(&gpu, &conv_rows));
                 Ok(())
             }
             Kernel::Step { patch, batch, reps } => {

@@ -5,10 +5,14 @@
 
 pub mod activation;
 pub mod bench;
+pub mod conv;
 pub mod elementwise;
+pub mod loss;
+pub mod norm;
 pub mod optim;
 pub mod pool;
 pub mod reduce;
+pub mod se;
 
 use anyhow::{Result, ensure};
 
