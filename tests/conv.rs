@@ -413,3 +413,55 @@ fn shape_errors_name_the_op_and_both_shapes() {
     let e = format!("{:#}", conv_transpose3d(&mut g, x, wt, None, [2, 2, 2]).unwrap_err());
     assert!(e.contains("input channels") && e.contains("[1, 4, 4, 4, 3]"), "{e}");
 }
+
+/// A sample's forward output is bit-identical whatever else is in its batch: tiled inference
+/// batches windows freely and must not change a window's prediction by doing so. Shapes are big
+/// enough for several tiles per sample (the tiling used to be sized from the whole batch).
+#[test]
+fn forward_of_a_sample_does_not_depend_on_its_batch() {
+    let mut rng = StdRng::seed_from_u64(11);
+    for (kernel, stride, input, cin, cout) in [
+        ([3, 3, 3], [1, 1, 1], [7, 9, 11], 8, 16),
+        ([3, 3, 3], [1, 1, 1], [32, 32, 32], 1, 8),
+        ([3, 3, 3], [1, 1, 1], [16, 16, 16], 16, 16),
+        ([3, 3, 3], [2, 2, 2], [32, 32, 32], 8, 16),
+        ([3, 3, 3], [1, 1, 1], [4, 4, 4], 64, 64),
+        ([3, 3, 3], [1, 1, 1], [8, 8, 8], 32, 32),
+        ([3, 3, 3], [2, 2, 2], [16, 16, 16], 16, 32),
+        ([3, 3, 3], [1, 1, 1], [8, 8, 8], 64, 64),
+        ([1, 1, 1], [1, 1, 1], [32, 32, 32], 8, 3),
+    ] {
+        let n = 3;
+        let d = ConvDims { n, input, cin, cout, kernel, stride };
+        let x: Vec<f32> = random(&mut rng, n * input.iter().product::<usize>() * cin);
+        let w: Vec<f32> = random(&mut rng, cout * kernel.iter().product::<usize>() * cin);
+        let b: Vec<f32> = random(&mut rng, cout);
+        let per_out = d.output().iter().product::<usize>() * cout;
+        let mut y = vec![0f32; n * per_out];
+        conv::conv3d_forward(&mut y, &x, &w, Some(&b), &d);
+        let per_in = x.len() / n;
+        for s in 0..n {
+            let one = ConvDims { n: 1, ..d };
+            let mut ys = vec![0f32; per_out];
+            conv::conv3d_forward(&mut ys, &x[s * per_in..(s + 1) * per_in], &w, Some(&b), &one);
+            assert!(
+                ys == y[s * per_out..(s + 1) * per_out],
+                "conv3d {kernel:?} s{stride:?}: sample {s} differs"
+            );
+        }
+    }
+    let (n, input, cin, cout, kernel) = (3, [8, 8, 8], 32, 16, [2, 2, 2]);
+    let d = TransposedDims { n, input, cin, cout, kernel };
+    let x: Vec<f32> = random(&mut rng, n * input.iter().product::<usize>() * cin);
+    let w: Vec<f32> = random(&mut rng, cin * 8 * cout);
+    let per_out = d.output().iter().product::<usize>() * cout;
+    let mut y = vec![0f32; n * per_out];
+    conv::conv_transpose3d_forward(&mut y, &x, &w, None, &d);
+    let per_in = x.len() / n;
+    for s in 0..n {
+        let mut ys = vec![0f32; per_out];
+        let one = TransposedDims { n: 1, ..d };
+        conv::conv_transpose3d_forward(&mut ys, &x[s * per_in..(s + 1) * per_in], &w, None, &one);
+        assert!(ys == y[s * per_out..(s + 1) * per_out], "conv_transpose3d: sample {s} differs");
+    }
+}

@@ -199,6 +199,13 @@ impl Geom {
         self.rows() * self.cols() * self.cout
     }
 
+    /// One sample of the batch. Forward tiles are sized from it and never span two samples, so a
+    /// sample's output does not depend on its batch-mates down to the last bit (tiled inference
+    /// relies on that to be independent of how tiles are batched).
+    fn per_sample(&self) -> Geom {
+        Geom { n: 1, ..*self }
+    }
+
     /// Output voxels per tile: about [`TILE_ELEMS`] im2col elements but 128 to 512 rows (each
     /// GEMM call re-packs the whole weight, so short tiles pay for it over too little work), fewer
     /// (not under 64) when that would leave threads idle, and one tile when the pass is tiny.
@@ -270,17 +277,23 @@ fn forward_gemm<T: Real>(y: &mut [T], x: &[T], w: &[T], b: Option<&[T]>, g: &Geo
     if y.is_empty() {
         return;
     }
-    let rows = g.tile_rows();
+    let per_sample = g.per_sample();
+    let (rows, sample_rows) = (per_sample.tile_rows(), per_sample.rows());
     let wt = Mat::new(w, k, cols).t();
-    let tile = |buf: &mut Vec<T>, (i, yt): (usize, &mut [T])| {
+    let tile = |buf: &mut Vec<T>, (m0, yt): (usize, &mut [T])| {
         let r = yt.len() / k;
-        let a = im2col_tile(buf, x, g, i * rows, r);
+        let a = im2col_tile(buf, x, g, m0, r);
         if let Some(b) = b {
             yt.chunks_exact_mut(k).for_each(|row| row.copy_from_slice(b));
         }
         matmul(yt, k, Mat::new(a, r, cols), wt, b.is_some(), 1);
     };
-    y.par_chunks_mut(rows * k).enumerate().for_each_init(Vec::new, tile);
+    y.par_chunks_mut(sample_rows * k)
+        .enumerate()
+        .flat_map(|(n, ys)| {
+            ys.par_chunks_mut(rows * k).enumerate().map(move |(i, yt)| (n * sample_rows + i * rows, yt))
+        })
+        .for_each_init(Vec::new, tile);
 }
 
 /// `gw = gy^T * im2col(x)`. The tiles fall into a fixed number of groups: the first sums straight
@@ -352,7 +365,7 @@ fn blocked_data_grad<T: Real>(gx: &mut [T], gy: &[T], w: &[T], bias: Option<&[T]
     if gx.is_empty() {
         return;
     }
-    let rows = g.tile_rows().min(oh * ow).max(1);
+    let rows = g.per_sample().tile_rows().min(oh * ow).max(1);
     let ragged = ih % kr != 0 || iw % ks != 0;
     // One task per output depth plane: it owns the `kt` input planes of its blocks.
     let slab = |n: usize, zo: usize, blk: &mut [T]| {
