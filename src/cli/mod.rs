@@ -1,6 +1,8 @@
 //! The `unet3d` command line: one subcommand per job.
 
 pub mod bench;
+pub mod convert;
+pub mod example_data;
 pub mod plan;
 
 use clap::{Parser, Subcommand};
@@ -19,6 +21,10 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Print the network a config builds, its size and training memory; fail if it does not fit.
     Plan(plan::PlanArgs),
+    /// Convert NIfTI images and labels (one case or an MSD / nnU-Net folder) to Zarr volumes.
+    Convert(convert::ConvertArgs),
+    /// Write a small synthetic multi-task dataset (sheets, distance, normals) to try everything on.
+    ExampleData(example_data::ExampleDataArgs),
 }
 
 impl Cli {
@@ -26,6 +32,8 @@ impl Cli {
         match self.command {
             Command::Bench(args) => args.run(),
             Command::Plan(args) => args.run(),
+            Command::Convert(args) => args.run(),
+            Command::ExampleData(args) => args.run(),
         }
     }
 }

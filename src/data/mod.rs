@@ -2,7 +2,16 @@
 //! the dataset of volumes, patch sampling, normalisation, augmentation and the threaded loader.
 
 pub mod array;
+pub mod augment;
 pub mod batch;
+pub mod convert;
+pub mod dataset;
+pub mod example;
+pub mod loader;
+pub mod nifti;
+pub mod normalize;
+pub mod sampling;
+pub mod zarr;
 
 pub use array::{DType, InMemoryArray, VolumeArray};
 pub use batch::{Batch, Patch, PatchTarget, TargetBatch, TargetKind};
