@@ -25,6 +25,7 @@ use crate::config::{Augmentation, Config, DatasetConfig, Normalization, Sampling
 use crate::loss::{LabelResample, Loss, deep_supervision_labels};
 use crate::tensor::Tensor;
 
+#[derive(Clone, Debug)]
 pub struct LoaderOptions {
     pub patch_size: [usize; 3],
     pub batch_size: usize,

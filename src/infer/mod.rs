@@ -3,8 +3,12 @@
 pub mod blend;
 pub mod gaussian;
 pub mod predictor;
+pub mod run;
+pub mod shard;
 pub mod tiles;
 
 pub use blend::{OutputTarget, SlidingWindow, finish};
 pub use predictor::{Mirroring, NetworkPredictor, TilePredictor};
+pub use run::{Job, RunOptions, Summary, run};
+pub use shard::{Blocks, Shard};
 pub use tiles::{Tile, TileGrid};

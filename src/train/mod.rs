@@ -1,7 +1,9 @@
 //! Training: the loop, checkpoints, validation metrics and logs.
 
 pub mod checkpoint;
+pub mod data;
 pub mod gif;
 pub mod log;
 pub mod metrics;
 pub mod tensorboard;
+pub mod trainer;

@@ -1,0 +1,265 @@
+//! `unet3d infer`: predict every output target of a volume with a trained network, into
+//! `<output_path>/predictions.zarr`, optionally as one of several HPC jobs (`--shard i/n`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde_json::json;
+
+use crate::config::{Config, ConfigArgs};
+use crate::data::normalize::{Normalizer, VolumeStats};
+use crate::data::zarr::{ChunkCache, ZarrArray};
+use crate::data::{TargetKind, VolumeArray};
+use crate::device::Device;
+use crate::infer::{
+    Job, Mirroring, NetworkPredictor, OutputTarget, RunOptions, Shard, SlidingWindow, TilePredictor, run,
+};
+use crate::model::{Network, init};
+use crate::train::checkpoint;
+
+/// Predict a volume with the sliding window and write one Zarr array per output target.
+///
+/// Every inference_config key can be set with --set inference_config.<key>=<value>; the flags
+/// below are shorthands for the common ones and win over --set.
+#[derive(Args, Debug)]
+pub struct InferArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Boxed: the flags make the largest subcommand.
+    #[command(flatten)]
+    keys: Box<KeyFlags>,
+    #[command(flatten)]
+    job: JobFlags,
+}
+
+/// Shorthands for inference_config keys.
+#[derive(Args, Debug)]
+struct KeyFlags {
+    /// inference_config.checkpoint_path: the weights (a training checkpoint or a weights file).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// inference_config.input_path: the input array (e.g. data/vol.zarr/input).
+    #[arg(long)]
+    input: Option<String>,
+    /// inference_config.output_path: predictions.zarr and .progress/ go here.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// inference_config.patch_size (z, y, x).
+    #[arg(long, num_args = 3, value_names = ["Z", "Y", "X"])]
+    patch_size: Option<Vec<usize>>,
+    /// inference_config.batch_size: windows per forward pass.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// inference_config.overlap: the fraction of a window its neighbours share.
+    #[arg(long)]
+    overlap: Option<f64>,
+    /// inference_config.output_targets: comma-separated names, or "all".
+    #[arg(long, value_delimiter = ',')]
+    output_targets: Option<Vec<String>>,
+    /// inference_config.output_type: uint8, uint16 or float32.
+    #[arg(long)]
+    output_type: Option<String>,
+    /// inference_config.mirroring: average the 8 flips of each window (8x the work).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    mirroring: Option<bool>,
+    /// inference_config.targets.<target>.activation, e.g. --activation sheet=sigmoid. Repeatable.
+    #[arg(long, value_name = "TARGET=ACTIVATION")]
+    activation: Vec<String>,
+}
+
+/// How this job runs (nothing here changes the output).
+#[derive(Args, Debug)]
+struct JobFlags {
+    /// Predict with a fresh network initialised from this seed instead of a checkpoint: times a
+    /// plan on this machine before any training (the predictions mean nothing).
+    #[arg(long, value_name = "SEED")]
+    random_weights: Option<u64>,
+    /// This job's share of the output chunks, 1-based: job i of n (e.g. $SLURM_ARRAY_TASK_ID/n).
+    #[arg(long, default_value = "1/1")]
+    shard: Shard,
+    /// Replace an existing output instead of refusing (or resuming) it; single jobs only.
+    #[arg(long)]
+    overwrite: bool,
+    /// Default: tr_setup.device.
+    #[arg(long)]
+    device: Option<Device>,
+    /// Stop after this many blocks (to end within a job's time limit); a rerun continues.
+    #[arg(long)]
+    max_blocks: Option<usize>,
+    /// Memory for the blending buffers in MB; sets the block size when the output is created.
+    #[arg(long, default_value_t = 1024)]
+    block_mb: usize,
+    /// Memory for decoded input chunks in MB.
+    #[arg(long, default_value_t = 512)]
+    cache_mb: usize,
+}
+
+/// A YAML string for a `--set` value (JSON strings are YAML).
+fn yaml_str(s: &str) -> String {
+    serde_json::to_string(s).expect("strings serialise")
+}
+
+impl KeyFlags {
+    /// The flags as `--set` overrides, after the user's own.
+    fn sets(&self, user: &[String]) -> Result<Vec<String>> {
+        let mut sets = user.to_vec();
+        let mut set = |key: &str, value: String| sets.push(format!("inference_config.{key}={value}"));
+        if let Some(p) = &self.checkpoint {
+            set("checkpoint_path", yaml_str(&p.to_string_lossy()));
+        }
+        if let Some(p) = &self.input {
+            set("input_path", yaml_str(p));
+        }
+        if let Some(p) = &self.output {
+            set("output_path", yaml_str(&p.to_string_lossy()));
+        }
+        if let Some(p) = &self.patch_size {
+            set("patch_size", format!("{p:?}"));
+        }
+        if let Some(b) = self.batch_size {
+            set("batch_size", b.to_string());
+        }
+        if let Some(o) = self.overlap {
+            set("overlap", o.to_string());
+        }
+        if let Some(t) = &self.output_targets {
+            let names: Vec<String> = t.iter().map(|n| yaml_str(n)).collect();
+            set("output_targets", format!("[{}]", names.join(", ")));
+        }
+        if let Some(t) = &self.output_type {
+            set("output_type", yaml_str(t));
+        }
+        if let Some(m) = self.mirroring {
+            set("mirroring", m.to_string());
+        }
+        for a in &self.activation {
+            let Some((target, activation)) = a.split_once('=') else {
+                bail!("--activation '{a}': expected TARGET=ACTIVATION, e.g. sheet=sigmoid");
+            };
+            set(&format!("targets.{target}.activation"), yaml_str(activation));
+        }
+        Ok(sets)
+    }
+}
+
+impl InferArgs {
+    pub fn run(self) -> Result<()> {
+        let sets = self.keys.sets(&self.config.set)?;
+        let flags = self.job;
+        let parsed = Config::load(&self.config.config, &sets)?;
+        for w in &parsed.warnings {
+            eprintln!("warning: {w}");
+        }
+        let config = parsed.config;
+        let device = flags.device.unwrap_or(config.tr_setup.device);
+        if let Device::Cuda(i) = device {
+            bail!(
+                "device cuda:{i}: GPU inference is not wired up yet (the CUDA kernels are still being \
+                 written); run on the CPU with --device cpu"
+            );
+        }
+        let ic = &config.inference_config;
+        let Some(input_path) = &ic.input_path else {
+            bail!("inference_config.input_path is not set (or pass --input)");
+        };
+
+        let arch = config.architecture()?;
+        let (store, weights) = match (flags.random_weights, &ic.checkpoint_path) {
+            (Some(seed), _) => (init::initialize(&arch, seed)?, json!({"random_weights": seed})),
+            (None, Some(path)) => {
+                let store = checkpoint::load_weights(path, &arch)?;
+                let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                (store, json!({"checkpoint": path, "checkpoint_crc32c": crc32c::crc32c(&bytes)}))
+            }
+            (None, None) => bail!("inference_config.checkpoint_path is not set (or pass --checkpoint)"),
+        };
+        let network = Network::new(&arch, &store)?;
+        let dc = &config.dataset_config;
+        let targets: Vec<OutputTarget> = ic
+            .output_targets
+            .iter()
+            .map(|name| {
+                let t = dc.target(name).expect("the config reader checks output_targets");
+                OutputTarget {
+                    name: name.clone(),
+                    channels: t.channels,
+                    activation: ic.activation(name).unwrap_or(t.activation),
+                    vectors: TargetKind::of(t) == TargetKind::Vectors,
+                    output_type: ic.output_type_for(t),
+                }
+            })
+            .collect();
+        let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
+        let network = NetworkPredictor::new(network, store, &names)?;
+        let predictor: Box<dyn TilePredictor> =
+            if ic.mirroring { Box::new(Mirroring(network)) } else { Box::new(network) };
+
+        let cache = ChunkCache::new(flags.cache_mb << 20);
+        let input = ZarrArray::open(Path::new(input_path), dc.in_channels, &cache)
+            .with_context(|| format!("inference_config.input_path {input_path}"))?;
+        let schemes = &dc.normalization;
+        let stats = if Normalizer::needs_volume_stats(schemes) {
+            // Every job needs the whole volume's statistics: reuse the first job's rather than
+            // read the volume again.
+            let recorded = if flags.overwrite { None } else { run::recorded_provenance(&ic.output_path)? };
+            match recorded.filter(|p| p["input"] == json!(input_path)) {
+                Some(p) => Some(
+                    serde_json::from_value::<VolumeStats>(p["volume_stats"].clone()).with_context(|| {
+                        format!(
+                            "{}: unreadable volume_stats",
+                            ic.output_path.join(".progress/run.json").display()
+                        )
+                    })?,
+                ),
+                None => Some(
+                    VolumeStats::compute(&input).with_context(|| format!("statistics of {input_path}"))?,
+                ),
+            }
+        } else {
+            None
+        };
+        let normalizer = Normalizer::new(schemes, input.dtype(), stats.as_ref(), None)
+            .with_context(|| format!("normalising {input_path}"))?;
+        let window = SlidingWindow::new(
+            &input,
+            &normalizer,
+            predictor.as_ref(),
+            targets.iter().map(|t| t.channels).collect(),
+            ic.patch_size,
+            ic.overlap,
+            ic.batch_size,
+        )?;
+        let provenance = json!({
+            "input": input_path,
+            "weights": weights,
+            "normalization": format!("{schemes:?}"),
+            "volume_stats": stats,
+            "mirroring": ic.mirroring,
+        });
+        let opts = RunOptions {
+            output_path: ic.output_path.clone(),
+            shard: flags.shard,
+            overwrite: flags.overwrite,
+            max_blocks: flags.max_blocks,
+            block_bytes: flags.block_mb << 20,
+            show_progress: true,
+        };
+        let start = std::time::Instant::now();
+        let summary = run::run(&Job { window, targets, provenance }, &opts)?;
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "unet3d infer shard {}: blocks {:?}: {} computed, {} already finished; {} windows in {secs:.1}s \
+             ({:.2} windows/s){}",
+            flags.shard,
+            summary.blocks,
+            summary.computed,
+            summary.skipped,
+            summary.tiles,
+            summary.tiles as f64 / secs.max(1e-9),
+            if summary.done { "; this shard is complete" } else { "; rerun to continue" }
+        );
+        println!("output: {}", ic.output_path.join("predictions.zarr").display());
+        Ok(())
+    }
+}

@@ -1,0 +1,134 @@
+//! What predicts a batch of windows: the trained network, optionally with nnU-Net's mirroring
+//! test-time augmentation, or (in tests) any fixed model.
+
+use anyhow::{Result, ensure};
+
+use crate::autograd::ParamStore;
+use crate::config::Activation;
+use crate::model::Network;
+use crate::tensor::Tensor;
+
+/// A model over batches of windows: (N, D, H, W, C_in) in, one (N, D, H, W, C_t) tensor of
+/// logits (before any activation: activations apply after blending) per written target out.
+pub trait TilePredictor: Sync {
+    fn in_channels(&self) -> usize;
+    fn predict(&self, batch: &Tensor) -> Result<Vec<Tensor>>;
+}
+
+/// The network's full-resolution heads of the targets it writes.
+pub struct NetworkPredictor {
+    network: Network,
+    store: ParamStore,
+    /// Indices into the architecture's targets, in output order.
+    outputs: Vec<usize>,
+}
+
+impl NetworkPredictor {
+    /// `outputs` names the written targets; each must be one of the network's.
+    pub fn new(network: Network, store: ParamStore, outputs: &[String]) -> Result<NetworkPredictor> {
+        let targets = &network.architecture().targets;
+        let outputs = outputs
+            .iter()
+            .map(|name| {
+                targets.iter().position(|t| &t.name == name).ok_or_else(|| {
+                    let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+                    anyhow::anyhow!("output target '{name}' is not a target of the network ({names:?})")
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(NetworkPredictor { network, store, outputs })
+    }
+}
+
+impl TilePredictor for NetworkPredictor {
+    fn in_channels(&self) -> usize {
+        self.network.architecture().in_channels
+    }
+
+    /// One batched forward pass: the CPU backend computes each sample of a batch exactly as it
+    /// would alone, so blocks and shards, which batch different windows together, give the same bytes.
+    fn predict(&self, batch: &Tensor) -> Result<Vec<Tensor>> {
+        let none = vec![Activation::None; self.network.architecture().targets.len()];
+        let all = self.network.predict(&self.store, batch, &none)?;
+        Ok(self.outputs.iter().map(|&t| all[t].clone()).collect())
+    }
+}
+
+/// nnU-Net's mirroring TTA: the mean of the logits of the batch and of its 7 flips (every
+/// non-empty set of spatial axes, in `itertools.combinations` order), each flipped back.
+pub struct Mirroring<P>(pub P);
+
+/// The 7 non-empty sets of axes (z, y, x), singles first, as nnU-Net enumerates them.
+const MIRROR_AXES: [[bool; 3]; 7] = [
+    [true, false, false],
+    [false, true, false],
+    [false, false, true],
+    [true, true, false],
+    [true, false, true],
+    [false, true, true],
+    [true, true, true],
+];
+
+impl<P: TilePredictor> TilePredictor for Mirroring<P> {
+    fn in_channels(&self) -> usize {
+        self.0.in_channels()
+    }
+
+    fn predict(&self, batch: &Tensor) -> Result<Vec<Tensor>> {
+        let mut sums: Vec<Vec<f32>> = self.0.predict(batch)?.into_iter().map(Tensor::into_vec).collect();
+        for axes in MIRROR_AXES {
+            let outputs = self.0.predict(&flip(batch, axes)?)?;
+            for (sum, out) in sums.iter_mut().zip(outputs) {
+                let back = flip(&out, axes)?;
+                sum.iter_mut().zip(back.data()).for_each(|(s, v)| *s += v);
+            }
+        }
+        let [n, d, h, w, _] = batch.shape().ndhwc()?;
+        let count = (MIRROR_AXES.len() + 1) as f32;
+        sums.into_iter()
+            .map(|mut s| {
+                s.iter_mut().for_each(|v| *v /= count);
+                let c = s.len() / (n * d * h * w);
+                Tensor::from_vec(vec![n, d, h, w, c], s)
+            })
+            .collect()
+    }
+}
+
+/// A channels-last (N, D, H, W, C) tensor reversed along the chosen spatial axes.
+pub fn flip(t: &Tensor, axes: [bool; 3]) -> Result<Tensor> {
+    let [n, d, h, w, c] = t.shape().ndhwc()?;
+    ensure!(t.numel() == n * d * h * w * c, "flip: tensor {} is not contiguous", t.shape());
+    let src = t.data();
+    let mut out = Vec::with_capacity(src.len());
+    let pick = |i: usize, len: usize, a: usize| if axes[a] { len - 1 - i } else { i };
+    for b in 0..n {
+        for z in 0..d {
+            for y in 0..h {
+                let row = ((b * d + pick(z, d, 0)) * h + pick(y, h, 1)) * w;
+                for x in 0..w {
+                    let at = (row + pick(x, w, 2)) * c;
+                    out.extend_from_slice(&src[at..at + c]);
+                }
+            }
+        }
+    }
+    Tensor::from_vec(t.dims().to_vec(), out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flip_reverses_the_chosen_axes_and_is_an_involution() {
+        let t = Tensor::from_vec(vec![1, 2, 1, 3, 2], (0..12).map(|v| v as f32).collect()).unwrap();
+        let f = flip(&t, [false, false, true]).unwrap();
+        assert_eq!(&f.data()[..6], &[4.0, 5.0, 2.0, 3.0, 0.0, 1.0]);
+        let z = flip(&t, [true, false, false]).unwrap();
+        assert_eq!(&z.data()[..6], &t.data()[6..]);
+        for axes in MIRROR_AXES {
+            assert_eq!(flip(&flip(&t, axes).unwrap(), axes).unwrap().data(), t.data());
+        }
+    }
+}

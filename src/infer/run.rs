@@ -1,0 +1,360 @@
+//! One inference job: the sliding window streamed into a Zarr store block by block, resumable and
+//! shardable.
+//!
+//! Layout under `output_path`: `predictions.zarr/<target>` (one array per written target, chunked
+//! like the window), and `.progress/` with `run.json` (what decides the output bytes, and the block
+//! layout) and one marker per finished block, written after that block's chunks. The first job to
+//! claim `run.json` creates the arrays; every other job checks that it would write the same thing
+//! and waits for the arrays to exist. A rerun skips finished blocks; a run with other settings is
+//! refused instead of mixing two predictions in one store.
+
+use std::io::ErrorKind;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+
+use super::blend::{OutputTarget, SlidingWindow, finish};
+use super::shard::{Blocks, Shard};
+use crate::config::OutputType;
+use crate::data::DType;
+use crate::data::zarr::{ArraySpec, ZarrWriter};
+use crate::tensor::io::write_atomic;
+
+/// How long a job waits for the job that claimed `run.json` to create the arrays.
+const CREATE_WAIT: Duration = Duration::from_secs(120);
+
+/// What is predicted and written.
+pub struct Job<'a> {
+    pub window: SlidingWindow<'a>,
+    /// In the predictor's output order.
+    pub targets: Vec<OutputTarget>,
+    /// Whatever else decides the output bytes (input, checkpoint, normalisation, mirroring),
+    /// recorded in `run.json`: a job whose provenance differs refuses to write into the store.
+    pub provenance: Value,
+}
+
+/// How a job runs; none of this changes the output bytes.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub output_path: PathBuf,
+    pub shard: Shard,
+    /// Replace an existing output (only for a single job: sharded jobs would wipe each other's).
+    pub overwrite: bool,
+    /// Stop after this many blocks (a job that must end before its allocation does); a rerun
+    /// continues.
+    pub max_blocks: Option<usize>,
+    /// Budget for the block buffers in bytes, which sets the block size when the output is created.
+    pub block_bytes: usize,
+    pub show_progress: bool,
+}
+
+/// What a job did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// This job's blocks.
+    pub blocks: Range<usize>,
+    pub computed: usize,
+    /// Finished by an earlier run.
+    pub skipped: usize,
+    pub tiles: usize,
+    /// Every block of this job is finished.
+    pub done: bool,
+}
+
+/// The store's paths.
+pub struct Layout {
+    pub store: PathBuf,
+    pub progress: PathBuf,
+}
+
+impl Layout {
+    pub fn new(output_path: &Path) -> Layout {
+        Layout { store: output_path.join("predictions.zarr"), progress: output_path.join(".progress") }
+    }
+
+    pub fn array(&self, target: &str) -> PathBuf {
+        self.store.join(target)
+    }
+
+    fn record(&self) -> PathBuf {
+        self.progress.join("run.json")
+    }
+
+    fn created(&self) -> PathBuf {
+        self.progress.join("arrays-created")
+    }
+
+    fn finished(&self, block: usize) -> PathBuf {
+        self.progress.join(format!("block-{block}.done"))
+    }
+}
+
+fn dtype(t: OutputType) -> DType {
+    match t {
+        OutputType::Uint8 => DType::U8,
+        OutputType::Uint16 => DType::U16,
+        OutputType::Float32 => DType::F32,
+    }
+}
+
+/// Runs `job` into `opts.output_path`.
+pub fn run(job: &Job<'_>, opts: &RunOptions) -> Result<Summary> {
+    let layout = Layout::new(&opts.output_path);
+    let grid = &job.window.grid;
+    let chunk: [usize; 3] = std::array::from_fn(|a| grid.patch[a].min(grid.shape[a]));
+    let settings = json!({
+        "shape": grid.shape,
+        "chunks": chunk,
+        "patch_size": grid.patch,
+        "overlap": job.window.overlap(),
+        "targets": job.targets,
+        "provenance": job.provenance,
+    });
+    let bytes_per_voxel = 4 * (1 + job.targets.iter().map(|t| t.channels).sum::<usize>());
+    let blocks = Blocks::fitting(grid.shape, chunk, bytes_per_voxel, opts.block_bytes)?;
+    let writers = open_store(&layout, job, opts, &settings, blocks, chunk)?;
+    let blocks = read_record(&layout)?.1;
+
+    let mine = opts.shard.blocks(blocks.len());
+    let pending: Vec<usize> = mine.clone().filter(|&b| !layout.finished(b).exists()).collect();
+    let skipped = mine.len() - pending.len();
+    let todo = &pending[..opts.max_blocks.map_or(pending.len(), |m| m.min(pending.len()))];
+    let tiles: Vec<usize> = todo
+        .iter()
+        .map(|&b| {
+            let (lo, size) = blocks.block(b);
+            job.window.tiles_for(lo, size)
+        })
+        .collect();
+    let bar = progress_bar(opts, tiles.iter().sum(), todo.len());
+    for (n, &b) in todo.iter().enumerate() {
+        bar.set_message(format!("block {}/{}", n + 1, todo.len()));
+        let (lo, size) = blocks.block(b);
+        let blended = job.window.blend(lo, size, &mut |k| bar.inc(k as u64))?;
+        for ((target, writer), logits) in job.targets.iter().zip(&writers).zip(blended) {
+            let values = finish(target, logits);
+            for (start, n) in blocks.chunks_in(lo, size) {
+                let data = sub_box(&values, size, target.channels, sub(start, lo), n);
+                writer.write_region(start, n, &data)?;
+            }
+        }
+        write_atomic(&layout.finished(b), b"")?;
+        if opts.show_progress && bar.is_hidden() {
+            log_block(&bar, n + 1, todo.len(), b);
+        }
+    }
+    bar.finish_and_clear();
+    Ok(Summary {
+        blocks: mine,
+        computed: todo.len(),
+        skipped,
+        tiles: tiles.iter().sum(),
+        done: todo.len() == pending.len(),
+    })
+}
+
+fn progress_bar(opts: &RunOptions, tiles: usize, blocks: usize) -> ProgressBar {
+    if !opts.show_progress {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(tiles as u64);
+    let style = ProgressStyle::with_template(
+        "infer {prefix} {msg} [{bar:30}] {pos}/{len} windows, {per_sec}, ETA {eta} ({elapsed})",
+    )
+    .expect("valid template")
+    .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_prefix(format!("shard {}", opts.shard));
+    bar.set_message(format!("{blocks} blocks"));
+    bar
+}
+
+/// `key: a vs b` for every leaf where two records differ.
+fn differences(a: &Value, b: &Value, path: &str, out: &mut Vec<String>) {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let (va, vb) = (x.get(k).unwrap_or(&Value::Null), y.get(k).unwrap_or(&Value::Null));
+                differences(va, vb, &if path.is_empty() { k.clone() } else { format!("{path}.{k}") }, out);
+            }
+        }
+        _ if a != b => out.push(format!("{path}: {a} vs {b}")),
+        _ => {}
+    }
+}
+
+/// Where no terminal shows the bar (a batch job's log), one line per finished block.
+fn log_block(bar: &ProgressBar, n: usize, of: usize, block: usize) {
+    let (done, total) = (bar.position(), bar.length().unwrap_or(0));
+    let rate = done as f64 / bar.elapsed().as_secs_f64().max(1e-9);
+    let eta = (total - done) as f64 / rate.max(1e-9);
+    eprintln!(
+        "infer: block {block} done ({n}/{of}): {done}/{total} windows, {rate:.2} windows/s, ETA {eta:.0}s"
+    );
+}
+
+fn sub(a: [usize; 3], b: [usize; 3]) -> [usize; 3] {
+    std::array::from_fn(|i| a[i] - b[i])
+}
+
+/// The (D, H, W, C) box at `at` of `n` out of a (D, H, W, C) buffer of `size`.
+fn sub_box(values: &[f32], size: [usize; 3], c: usize, at: [usize; 3], n: [usize; 3]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n.iter().product::<usize>() * c);
+    let row = n[2] * c;
+    for z in at[0]..at[0] + n[0] {
+        for y in at[1]..at[1] + n[1] {
+            let from = ((z * size[1] + y) * size[2] + at[2]) * c;
+            out.extend_from_slice(&values[from..from + row]);
+        }
+    }
+    out
+}
+
+/// The provenance recorded in an existing output, if any: what a later job can reuse (the input's
+/// statistics) instead of recomputing it.
+pub fn recorded_provenance(output_path: &Path) -> Result<Option<Value>> {
+    let layout = Layout::new(output_path);
+    if !layout.record().exists() {
+        return Ok(None);
+    }
+    Ok(Some(read_record(&layout)?.0["provenance"].clone()))
+}
+
+fn read_record(layout: &Layout) -> Result<(Value, Blocks)> {
+    let path = layout.record();
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let record: Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let blocks = serde_json::from_value(record["blocks"].clone())
+        .with_context(|| format!("{}: no valid \"blocks\"", path.display()))?;
+    Ok((record["settings"].clone(), blocks))
+}
+
+/// Writes `record` to `path` unless it exists, atomically: a complete file appears under the
+/// name or nothing does, and of racing jobs exactly one wins.
+fn claim(path: &Path, record: &Value) -> Result<bool> {
+    let tmp = path.with_extension(format!("claim{}", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(record)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    let linked = std::fs::hard_link(&tmp, path);
+    std::fs::remove_file(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+    match linked {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
+    }
+}
+
+/// Creates the arrays (first job) or opens them (every other job, once they exist), refusing an
+/// output that holds something else.
+fn open_store(
+    layout: &Layout,
+    job: &Job<'_>,
+    opts: &RunOptions,
+    settings: &Value,
+    blocks: Blocks,
+    chunk: [usize; 3],
+) -> Result<Vec<ZarrWriter>> {
+    if opts.overwrite {
+        ensure!(
+            opts.shard.count == 1,
+            "--overwrite with --shard {}: each job would wipe the others' chunks; remove {} once instead",
+            opts.shard,
+            opts.output_path.display()
+        );
+        if layout.progress.exists() {
+            std::fs::remove_dir_all(&layout.progress)
+                .with_context(|| format!("removing {}", layout.progress.display()))?;
+        }
+    } else if !layout.record().exists() {
+        for t in &job.targets {
+            let path = layout.array(&t.name);
+            ensure!(
+                !path.exists(),
+                "{}: already exists and was not written by unet3d infer (no {}); refusing to \
+                 overwrite it (pass --overwrite to replace it)",
+                path.display(),
+                layout.record().display()
+            );
+        }
+    }
+    std::fs::create_dir_all(&layout.progress)
+        .with_context(|| format!("creating {}", layout.progress.display()))?;
+    let record = json!({"settings": settings, "blocks": blocks});
+    if claim(&layout.record(), &record)? {
+        let writers = job
+            .targets
+            .iter()
+            .map(|t| {
+                let spec = ArraySpec {
+                    shape: job.window.grid.shape,
+                    channels: t.channels,
+                    chunks: chunk,
+                    dtype: dtype(t.output_type),
+                    attributes: json!({"unet3d": {"target": t, "settings": settings}})
+                        .as_object()
+                        .cloned()
+                        .unwrap_or_default(),
+                };
+                ZarrWriter::create(&layout.array(&t.name), &spec, opts.overwrite)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        write_atomic(&layout.created(), b"")?;
+        return Ok(writers);
+    }
+    let (existing, _) = read_record(layout)?;
+    if &existing != settings {
+        let mut diffs = Vec::new();
+        differences(&existing, settings, "", &mut diffs);
+        bail!(
+            "{}: holds a prediction made with other settings; refusing to mix them (pass --overwrite \
+             to replace it, or choose another output_path). Differences (existing vs this run):\n  {}",
+            opts.output_path.display(),
+            diffs.join("\n  ")
+        );
+    }
+    let start = Instant::now();
+    while !layout.created().exists() {
+        ensure!(
+            start.elapsed() < CREATE_WAIT,
+            "{}: waited {}s for the job that claimed {} to create the arrays; if no job is running, \
+             remove {} and rerun",
+            opts.output_path.display(),
+            CREATE_WAIT.as_secs(),
+            layout.record().display(),
+            layout.progress.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    job.targets.iter().map(|t| ZarrWriter::open(&layout.array(&t.name))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sub_box_cuts_a_channels_last_box() {
+        let v: Vec<f32> = (0..2 * 3 * 4 * 2).map(|x| x as f32).collect();
+        let b = sub_box(&v, [2, 3, 4], 2, [1, 1, 2], [1, 2, 2]);
+        assert_eq!(b, vec![36.0, 37.0, 38.0, 39.0, 44.0, 45.0, 46.0, 47.0]);
+    }
+
+    #[test]
+    fn only_one_claim_wins() {
+        let dir = std::env::temp_dir().join(format!("unet3d-claim-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("run.json");
+        let _ = std::fs::remove_file(&path);
+        assert!(claim(&path, &json!({"a": 1})).unwrap());
+        assert!(!claim(&path, &json!({"a": 2})).unwrap());
+        let kept: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(kept, json!({"a": 1}));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

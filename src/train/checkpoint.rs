@@ -1,0 +1,207 @@
+//! Training checkpoints: one safetensors file holding the weights (dynamic_network_architectures
+//! names in PyTorch's layouts, as `model::weights` writes them), the optimizer's state tensors
+//! under `optimizer.<slot>.<parameter>`, and the rest of the training state as JSON in the
+//! metadata. It is written to a temporary file and renamed, so a killed run leaves either the
+//! previous file or the new one, never a mix; a truncated or foreign file fails to load with an
+//! error instead of loading wrongly.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::autograd::ParamStore;
+use crate::data::normalize::CtStats;
+use crate::model::{Architecture, weights};
+use crate::optim::OptimizerState;
+use crate::tensor::{Tensor, io};
+
+/// The metadata key of the training state.
+const STATE_KEY: &str = "unet3d.training_state";
+/// The metadata key of the dataset's CT normalisation statistics, in checkpoints and the final
+/// model alike: inference must normalise with the training set's numbers.
+const CT_STATS_KEY: &str = "unet3d.ct_stats";
+const OPTIMIZER_PREFIX: &str = "optimizer.";
+/// Bumped when the layout changes, so an old file is refused with a reason.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Everything besides weights and optimizer tensors that resuming needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingState {
+    pub format_version: u32,
+    pub model_name: String,
+    /// Epochs finished; a resumed run starts at this epoch (counted from 0).
+    pub epochs_done: usize,
+    /// Training batches consumed so far: the index of the next batch. The loader draws batch `i`
+    /// from (seed, i), so this is the whole of its position.
+    pub global_step: u64,
+    pub optimizer_steps: u64,
+    pub seed: u64,
+    /// nnU-Net's EMA of the validation mean Dice, and the best value it reached (with its epoch).
+    pub ema_dice: Option<f64>,
+    pub best_ema_dice: Option<f64>,
+    pub best_epoch: Option<usize>,
+    /// The optimizer's hyperparameters and step counts ([`OptimizerState::meta`]).
+    pub optimizer: serde_json::Value,
+    /// The schedule and the initial rate it scales, for the record (the config decides them).
+    pub schedule: String,
+    /// The YAML the run was started with and its `--set` overrides, in order.
+    pub config_yaml: String,
+    pub config_sets: Vec<String>,
+    /// The dataset's CT normalisation statistics, when a channel uses `ct`.
+    pub ct_stats: Option<CtStats>,
+}
+
+/// A checkpoint read back.
+pub struct Checkpoint {
+    pub store: ParamStore,
+    pub optimizer: OptimizerState,
+    pub state: TrainingState,
+}
+
+/// Writes a checkpoint to `path` atomically.
+pub fn save(
+    path: &Path,
+    arch: &Architecture,
+    store: &ParamStore,
+    optimizer: &OptimizerState,
+    state: &TrainingState,
+) -> Result<()> {
+    let mut tensors = weights::to_state_dict(arch, store)?;
+    tensors.extend(optimizer.tensors.iter().map(|(n, t)| (format!("{OPTIMIZER_PREFIX}{n}"), t.clone())));
+    let state = TrainingState { optimizer: optimizer.meta.clone(), ..state.clone() };
+    let mut meta = HashMap::from([(STATE_KEY.to_string(), serde_json::to_string(&state)?)]);
+    write(path, &tensors, &mut meta, state.ct_stats.as_ref())
+}
+
+/// The final model: weights only, as `model::weights::save` writes them (PyTorch loads them), plus
+/// the CT statistics when the training used them.
+pub fn save_weights(
+    path: &Path,
+    arch: &Architecture,
+    store: &ParamStore,
+    ct: Option<&CtStats>,
+) -> Result<()> {
+    write(path, &weights::to_state_dict(arch, store)?, &mut HashMap::new(), ct)
+}
+
+fn write(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    meta: &mut HashMap<String, String>,
+    ct: Option<&CtStats>,
+) -> Result<()> {
+    meta.insert("format".to_string(), "pt".to_string());
+    if let Some(ct) = ct {
+        meta.insert(CT_STATS_KEY.to_string(), serde_json::to_string(ct)?);
+    }
+    let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    io::save(path, &refs, Some(meta.clone()))
+        .with_context(|| format!("writing checkpoint {}", path.display()))
+}
+
+/// The CT normalisation statistics a checkpoint or final model was trained with; None when the
+/// training normalised no channel with `ct` (or the file comes from elsewhere).
+pub fn ct_stats(path: &Path) -> Result<Option<CtStats>> {
+    let file = io::load(path).with_context(|| format!("checkpoint {}", path.display()))?;
+    file.metadata
+        .get(CT_STATS_KEY)
+        .map(|j| serde_json::from_str(j))
+        .transpose()
+        .with_context(|| format!("checkpoint {}: unreadable {CT_STATS_KEY}", path.display()))
+}
+
+/// Splits a file's tensors into weights and optimizer state.
+fn split(tensors: BTreeMap<String, Tensor>) -> (BTreeMap<String, Tensor>, BTreeMap<String, Tensor>) {
+    let (mut weights, mut optimizer) = (BTreeMap::new(), BTreeMap::new());
+    for (name, t) in tensors {
+        match name.strip_prefix(OPTIMIZER_PREFIX) {
+            Some(rest) => optimizer.insert(rest.to_string(), t),
+            None => weights.insert(name, t),
+        };
+    }
+    (weights, optimizer)
+}
+
+/// Reads a training checkpoint for `arch`. A file that does not fit `arch` (missing, unexpected
+/// or misshapen tensors), a weights-only file and a truncated file are errors naming `path`.
+pub fn load(path: &Path, arch: &Architecture) -> Result<Checkpoint> {
+    let ctx = || format!("checkpoint {}", path.display());
+    let file = io::load(path).with_context(ctx)?;
+    let Some(json) = file.metadata.get(STATE_KEY) else {
+        bail!(
+            "checkpoint {}: holds weights only (no training state to resume); set \
+             tr_setup.load_weights_only: true to fine-tune from it",
+            path.display()
+        );
+    };
+    let state: TrainingState = serde_json::from_str(json)
+        .with_context(|| format!("checkpoint {}: unreadable training state", path.display()))?;
+    if state.format_version != FORMAT_VERSION {
+        bail!(
+            "checkpoint {}: format version {}, this unet3d reads version {FORMAT_VERSION}",
+            path.display(),
+            state.format_version
+        );
+    }
+    let (w, o) = split(file.tensors);
+    let store = weights::from_state_dict(arch, &w).with_context(ctx)?;
+    let optimizer = OptimizerState { tensors: o, meta: state.optimizer.clone() };
+    Ok(Checkpoint { store, optimizer, state })
+}
+
+/// The weights of a training checkpoint or of a weights-only file (the final model, a PyTorch
+/// export), for fine-tuning and inference.
+pub fn load_weights(path: &Path, arch: &Architecture) -> Result<ParamStore> {
+    let file = io::load(path).with_context(|| format!("checkpoint {}", path.display()))?;
+    let (w, _) = split(file.tensors);
+    weights::from_state_dict(arch, &w).with_context(|| format!("checkpoint {}", path.display()))
+}
+
+/// `<dir>/<model>_<epoch>.safetensors`, epochs counted from 1 as the seed names them.
+pub fn epoch_path(dir: &Path, model: &str, epoch: usize) -> PathBuf {
+    dir.join(format!("{model}_{epoch}.safetensors"))
+}
+
+pub fn best_path(dir: &Path, model: &str) -> PathBuf {
+    dir.join(format!("{model}_best.safetensors"))
+}
+
+pub fn final_path(dir: &Path, model: &str) -> PathBuf {
+    dir.join(format!("{model}_final.safetensors"))
+}
+
+/// The epoch checkpoints of `model` in `dir`, oldest first. Temporary files of interrupted
+/// writes (hidden `.<name>.tmp<pid>`) are not checkpoints.
+pub fn epoch_checkpoints(dir: &Path, model: &str) -> Result<Vec<(usize, PathBuf)>> {
+    let mut found = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+        Err(e) => return Err(e).with_context(|| format!("listing checkpoints in {}", dir.display())),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let epoch = name
+            .strip_prefix(model)
+            .and_then(|r| r.strip_prefix('_'))
+            .and_then(|r| r.strip_suffix(".safetensors"))
+            .and_then(|e| e.parse::<usize>().ok());
+        if let Some(e) = epoch {
+            found.push((e, entry.path()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Deletes all but the newest `keep` epoch checkpoints of `model`.
+pub fn prune(dir: &Path, model: &str, keep: usize) -> Result<()> {
+    let all = epoch_checkpoints(dir, model)?;
+    for (_, path) in &all[..all.len().saturating_sub(keep)] {
+        std::fs::remove_file(path).with_context(|| format!("removing old checkpoint {}", path.display()))?;
+    }
+    Ok(())
+}

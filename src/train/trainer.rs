@@ -1,0 +1,585 @@
+//! The training loop: per-target losses with deep supervision, gradient accumulation and clipping,
+//! the optimizer and its per-epoch schedule, validation, checkpoints, GIFs and logs.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::checkpoint::{self, TrainingState};
+use super::gif::{self, Panel};
+use super::log::Logger;
+use super::metrics::{self, Accumulator, Decision, Score, Scoring, Validation};
+use crate::autograd::{Graph, ParamStore, Var};
+use crate::cli::plan::PlanReport;
+use crate::config::{Config, OptimizerConfig, TargetConfig};
+use crate::data::Batch;
+use crate::data::normalize::CtStats;
+use crate::device::Device;
+use crate::device::cpu::optim::scale_in_place;
+use crate::loss;
+use crate::model::{Architecture, Network, apply_activation, init};
+use crate::ops::activation as act;
+use crate::optim::{Adam, Optimizer, Sgd, clip_grad_norm, grad_norm};
+use crate::tensor::Tensor;
+
+/// Where batches come from. The real loader draws training batch `i` from (seed, i), so a resumed
+/// run that asks for batch `global_step` continues exactly where the stopped one was.
+pub trait BatchSource {
+    /// Training batch number `index` of the whole run (from 0); a run asks for consecutive
+    /// indices starting where it (re)starts.
+    fn train_batch(&mut self, index: u64) -> Result<Batch>;
+    /// One validation pass: the same un-augmented batches every epoch.
+    fn validation(&mut self) -> Result<Box<dyn Iterator<Item = Result<Batch>> + '_>>;
+    /// The CT statistics the batches were normalised with, if any; they go into every checkpoint.
+    fn ct_stats(&self) -> Option<CtStats> {
+        None
+    }
+}
+
+/// The YAML a run was started from, kept in its checkpoints.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    pub yaml: String,
+    pub sets: Vec<String>,
+}
+
+/// What one epoch did.
+#[derive(Debug, Clone)]
+pub struct EpochReport {
+    /// Counted from 0.
+    pub epoch: usize,
+    pub lr: f64,
+    /// Mean weighted total training loss, and per target the mean deep-supervised loss.
+    pub train_loss: f64,
+    pub train_target_losses: Vec<(String, f64)>,
+    pub patches_per_s: f64,
+    pub validation: Option<Validation>,
+    pub ema_dice: Option<f64>,
+    pub checkpoint: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub epochs: Vec<EpochReport>,
+    /// Written once `max_epoch` is reached.
+    pub final_model: Option<PathBuf>,
+    pub best_checkpoint: Option<PathBuf>,
+}
+
+pub struct Trainer {
+    config: Config,
+    arch: Architecture,
+    net: Network,
+    store: ParamStore,
+    optimizer: Box<dyn Optimizer>,
+    state: TrainingState,
+    /// Whether the run continues a checkpoint's training state.
+    resumed: bool,
+    /// Lets a fresh run replace the checkpoints of an earlier run of the same model name.
+    pub overwrite: bool,
+    /// Draws progress bars (on a terminal).
+    pub progress: bool,
+}
+
+fn make_optimizer(config: &OptimizerConfig) -> Result<Box<dyn Optimizer>> {
+    Ok(match *config {
+        OptimizerConfig::Adam(h) => Box::new(Adam::new(h)?),
+        OptimizerConfig::Sgd(h) => Box::new(Sgd::new(h)?),
+    })
+}
+
+impl Trainer {
+    /// Checks the device and the memory budget, builds the network, and initialises it or loads
+    /// `tr_setup.checkpoint_path` (all of it, or its weights with `load_weights_only`); a
+    /// checkpoint that does not fit the network is an error here, before any training.
+    pub fn new(config: Config, source: ConfigSource) -> Result<Trainer> {
+        let setup = &config.tr_setup;
+        if let Device::Cuda(i) = setup.device {
+            bail!(
+                "tr_setup.device is cuda:{i}, but GPU training is not wired up yet: the CUDA kernels \
+                 are still being written. Train on the CPU with --device cpu (or --set tr_setup.device=cpu)"
+            );
+        }
+        let plan = PlanReport::new(&config)?;
+        println!("training memory ({}): {}", plan.optimizer, plan.memory);
+        plan.check().context("refusing to train")?;
+        let arch = plan.architecture;
+        let mut optimizer = make_optimizer(&config.tr_config.optimizer)?;
+        let fresh = TrainingState {
+            format_version: checkpoint::FORMAT_VERSION,
+            model_name: setup.model_name.clone(),
+            epochs_done: 0,
+            global_step: 0,
+            optimizer_steps: 0,
+            seed: setup.seed,
+            ema_dice: None,
+            best_ema_dice: None,
+            best_epoch: None,
+            optimizer: serde_json::Value::Null,
+            schedule: format!(
+                "{:?} from lr {}",
+                config.tr_config.scheduler,
+                config.tr_config.optimizer.initial_lr()
+            ),
+            config_yaml: source.yaml.clone(),
+            config_sets: source.sets.clone(),
+            ct_stats: None,
+        };
+        let (store, state, resumed) = match &setup.checkpoint_path {
+            None => (init::initialize(&arch, setup.seed)?, fresh, false),
+            Some(p) if setup.load_weights_only => {
+                let store = checkpoint::load_weights(p, &arch).context("tr_setup.checkpoint_path")?;
+                println!("fine-tuning from the weights of {} (epoch 0, fresh optimizer)", p.display());
+                (store, fresh, false)
+            }
+            Some(p) => {
+                let ck = checkpoint::load(p, &arch).context("tr_setup.checkpoint_path")?;
+                optimizer
+                    .import_state(&ck.store, &ck.optimizer)
+                    .with_context(|| format!("checkpoint {}: optimizer state", p.display()))?;
+                if ck.state.seed != setup.seed {
+                    eprintln!(
+                        "warning: checkpoint {} was trained with tr_setup.seed {}, this run has {}: \
+                         the batches after the resume differ from the original run's",
+                        p.display(),
+                        ck.state.seed,
+                        setup.seed
+                    );
+                }
+                println!(
+                    "resuming {} after epoch {} (batch {})",
+                    p.display(),
+                    ck.state.epochs_done,
+                    ck.state.global_step
+                );
+                let state =
+                    TrainingState { seed: setup.seed, model_name: setup.model_name.clone(), ..ck.state };
+                (ck.store, state, true)
+            }
+        };
+        let net = Network::new(&arch, &store)?;
+        Ok(Trainer { config, arch, net, store, optimizer, state, resumed, overwrite: false, progress: true })
+    }
+
+    pub fn architecture(&self) -> &Architecture {
+        &self.arch
+    }
+
+    pub fn store(&self) -> &ParamStore {
+        &self.store
+    }
+
+    pub fn state(&self) -> &TrainingState {
+        &self.state
+    }
+
+    pub fn optimizer(&self) -> &dyn Optimizer {
+        self.optimizer.as_ref()
+    }
+
+    /// Fails when a fresh run would replace the checkpoints of an earlier run of the same model
+    /// name (unless `overwrite`); cheap, so callers check before opening the dataset.
+    pub fn check_outputs(&self) -> Result<()> {
+        let dir = &self.config.tr_setup.ckpt_out_base;
+        let model = &self.config.tr_setup.model_name;
+        if !self.resumed && !self.overwrite {
+            let earlier = checkpoint::epoch_checkpoints(dir, model)?;
+            let fin = checkpoint::final_path(dir, model);
+            if let Some(p) = earlier.last().map(|(_, p)| p.clone()).or(fin.exists().then_some(fin)) {
+                bail!(
+                    "{} holds checkpoints of an earlier run of model '{model}' (e.g. {}); resume it with \
+                     --set tr_setup.checkpoint_path={}, pick another tr_setup.model_name or ckpt_out_base, \
+                     or replace them with --overwrite",
+                    dir.display(),
+                    p.display(),
+                    p.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Trains to `tr_config.max_epoch`, or stops after epoch `stop_after` (counted from 1) with
+    /// its checkpoint written, as a killed run would.
+    pub fn run(&mut self, data: &mut dyn BatchSource, stop_after: Option<usize>) -> Result<RunSummary> {
+        let dir = self.config.tr_setup.ckpt_out_base.clone();
+        let model = self.config.tr_setup.model_name.clone();
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("tr_setup.ckpt_out_base {}: cannot create it", dir.display()))?;
+        self.check_outputs()?;
+        if !self.resumed && self.overwrite {
+            // Asked to replace the earlier run: none of its files may mix with this run's.
+            checkpoint::prune(&dir, &model, 0)?;
+            for p in [checkpoint::best_path(&dir, &model), checkpoint::final_path(&dir, &model)] {
+                if p.exists() {
+                    std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+                }
+            }
+        }
+        let mut logger = Logger::create(&self.config.tr_setup.tensorboard_log_dir.join(&model))?;
+        self.state.ct_stats = data.ct_stats();
+        let tr = self.config.tr_config.clone();
+        let end = stop_after.map_or(tr.max_epoch, |s| s.min(tr.max_epoch));
+        let mut epochs = Vec::new();
+        for epoch in self.state.epochs_done..end {
+            let lr = tr.scheduler.lr(tr.optimizer.initial_lr(), epoch)?;
+            self.optimizer.set_lr(lr);
+            let train =
+                self.train_epoch(data, epoch, lr).with_context(|| format!("training epoch {}", epoch + 1))?;
+            let (validation, panels) =
+                self.validate_with_panels(data).with_context(|| format!("validating epoch {}", epoch + 1))?;
+            let mut improved = false;
+            if let Some(v) = &validation {
+                self.state.ema_dice = metrics::ema(self.state.ema_dice, v.mean_dice());
+                if let Some(e) = self.state.ema_dice
+                    && self.state.best_ema_dice.is_none_or(|b| e > b)
+                {
+                    (self.state.best_ema_dice, self.state.best_epoch, improved) =
+                        (Some(e), Some(epoch + 1), true);
+                }
+            }
+            self.state.epochs_done = epoch + 1;
+            let path = checkpoint::epoch_path(&dir, &model, epoch + 1);
+            let opt = self.optimizer.export_state();
+            checkpoint::save(&path, &self.arch, &self.store, &opt, &self.state)?;
+            checkpoint::prune(&dir, &model, self.config.tr_setup.checkpoints_kept)?;
+            if improved {
+                checkpoint::save(
+                    &checkpoint::best_path(&dir, &model),
+                    &self.arch,
+                    &self.store,
+                    &opt,
+                    &self.state,
+                )?;
+            }
+            if let Some((top, bottom)) = panels {
+                let gif_path = dir.join(format!("{model}_gifs")).join(format!("epoch_{:04}.gif", epoch + 1));
+                std::fs::create_dir_all(gif_path.parent().expect("has a parent"))?;
+                gif::write(&gif_path, &top, &bottom)?;
+            }
+            let mut scalars = vec![
+                ("train/loss".to_string(), train.loss),
+                ("train/lr".to_string(), lr),
+                ("train/patches_per_s".to_string(), train.patches_per_s),
+                ("train/grad_norm".to_string(), train.grad_norm),
+            ];
+            scalars.extend(train.target_losses.iter().map(|(n, l)| (format!("train/{n}/loss"), *l)));
+            if let Some(v) = &validation {
+                scalars.extend(v.scalars());
+            }
+            if let Some(e) = self.state.ema_dice {
+                scalars.push(("val/ema_dice".to_string(), e));
+            }
+            logger.scalars(self.state.global_step, epoch + 1, &scalars)?;
+            let report = EpochReport {
+                epoch,
+                lr,
+                train_loss: train.loss,
+                train_target_losses: train.target_losses,
+                patches_per_s: train.patches_per_s,
+                validation,
+                ema_dice: self.state.ema_dice,
+                checkpoint: path,
+            };
+            println!("{}", describe_epoch(&report, tr.max_epoch));
+            epochs.push(report);
+        }
+        let final_model = (self.state.epochs_done >= tr.max_epoch)
+            .then(|| -> Result<PathBuf> {
+                let p = checkpoint::final_path(&dir, &model);
+                checkpoint::save_weights(&p, &self.arch, &self.store, self.state.ct_stats.as_ref())?;
+                Ok(p)
+            })
+            .transpose()?;
+        let best = checkpoint::best_path(&dir, &model);
+        Ok(RunSummary { epochs, final_model, best_checkpoint: best.exists().then_some(best) })
+    }
+
+    /// Per target, its deep-supervised loss (nnU-Net's weights over the heads) on `g`.
+    fn target_losses(&self, g: &mut Graph, batch: &Batch, outputs: &[Vec<Var>]) -> Result<Vec<Var>> {
+        let targets = &self.config.dataset_config.targets;
+        ensure!(
+            batch.targets.len() == targets.len(),
+            "the batch has {} targets, the config {}",
+            batch.targets.len(),
+            targets.len()
+        );
+        targets
+            .iter()
+            .zip(&batch.targets)
+            .zip(outputs)
+            .map(|((t, tb), heads)| {
+                ensure!(tb.name == t.name, "batch target '{}' where the config has '{}'", tb.name, t.name);
+                ensure!(
+                    tb.scales.len() >= heads.len(),
+                    "target '{}': the batch has {} scales for {} network outputs",
+                    t.name,
+                    tb.scales.len(),
+                    heads.len()
+                );
+                let inputs = if metrics::needs_probabilities(t) {
+                    heads.iter().map(|&h| act::sigmoid(g, h)).collect::<Result<Vec<_>>>()?
+                } else {
+                    heads.clone()
+                };
+                let w = loss::deep_supervision_weights(heads.len());
+                loss::deep_supervision(g, &t.loss, &inputs, &tb.scales[..heads.len()], &w)
+                    .with_context(|| format!("loss of target '{}' ({})", t.name, t.loss_fn))
+            })
+            .collect()
+    }
+
+    fn train_epoch(&mut self, data: &mut dyn BatchSource, epoch: usize, lr: f64) -> Result<TrainEpoch> {
+        let tr = &self.config.tr_config;
+        let (steps, accum) = (tr.max_steps_per_epoch, tr.gradient_accumulation);
+        let targets = self.config.dataset_config.targets.clone();
+        let targets = &targets;
+        let bar = self.bar(steps as u64, format!("epoch {}/{} lr {lr:.2e}", epoch + 1, tr.max_epoch));
+        let (mut loss_sum, mut target_sums) = (0.0, vec![0.0; targets.len()]);
+        let (mut norm_sum, mut norms) = (0.0, 0usize);
+        let (start, mut patches, mut in_group) = (Instant::now(), 0usize, 0usize);
+        self.store.zero_grad();
+        for i in 0..steps {
+            let index = self.state.global_step;
+            let batch = data.train_batch(index).with_context(|| format!("training batch {index}"))?;
+            if index == 0 {
+                bar.suspend(|| println!("{}", describe_batch(&batch)));
+            }
+            let mut g = Graph::new();
+            let x = g.constant(batch.input.clone());
+            let outputs = self.net.forward(&mut g, &self.store, x)?;
+            let losses = self.target_losses(&mut g, &batch, &outputs)?;
+            let values: Vec<f64> =
+                losses.iter().map(|&l| g.value(l).item().map(f64::from)).collect::<Result<_>>()?;
+            let terms: Vec<(Var, f64)> =
+                losses.iter().zip(targets).map(|(&l, t)| (l, t.weight / accum as f64)).collect();
+            let total = loss::weighted_sum(&mut g, &terms)?;
+            g.backward(total, &mut self.store)?;
+            drop(g);
+            let weighted: f64 = values.iter().zip(targets).map(|(v, t)| v * t.weight).sum();
+            loss_sum += weighted;
+            target_sums.iter_mut().zip(&values).for_each(|(s, v)| *s += v);
+            self.state.global_step += 1;
+            in_group += 1;
+            if in_group == accum || i + 1 == steps {
+                if in_group < accum {
+                    // A short last group: its gradient is the mean of fewer batches.
+                    self.scale_grads(accum as f32 / in_group as f32);
+                }
+                if let Some(n) = self.optimizer_step()? {
+                    norm_sum += n;
+                    norms += 1;
+                }
+                in_group = 0;
+            }
+            patches += batch.input.dims()[0];
+            let rate = patches as f64 / start.elapsed().as_secs_f64().max(1e-9);
+            bar.set_message(format!(
+                "loss {:.4} ({:.4} mean) {rate:.1} patches/s",
+                weighted,
+                loss_sum / (i + 1) as f64
+            ));
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        let n = steps as f64;
+        Ok(TrainEpoch {
+            loss: loss_sum / n,
+            target_losses: targets.iter().zip(target_sums).map(|(t, s)| (t.name.clone(), s / n)).collect(),
+            patches_per_s: patches as f64 / start.elapsed().as_secs_f64().max(1e-9),
+            grad_norm: if norms > 0 { norm_sum / norms as f64 } else { f64::NAN },
+        })
+    }
+
+    fn scale_grads(&mut self, s: f32) {
+        for id in self.store.ids().collect::<Vec<_>>() {
+            if let Some(g) = self.store.grad_mut(id) {
+                scale_in_place(g.data_mut(), s);
+            }
+        }
+    }
+
+    /// Clips the accumulated (mean) gradient, steps, and forgets the gradient. A non-finite
+    /// gradient norm skips the step (returns None) rather than poisoning the weights.
+    fn optimizer_step(&mut self) -> Result<Option<f64>> {
+        let norm = match self.config.tr_config.grad_clip_max_norm {
+            Some(max) => clip_grad_norm(&mut self.store, max)?,
+            None => grad_norm(&self.store)?,
+        };
+        let stepped = if norm.is_finite() {
+            self.optimizer.step(&mut self.store)?;
+            self.state.optimizer_steps += 1;
+            Some(norm)
+        } else {
+            eprintln!("warning: gradient norm {norm} at batch {}: step skipped", self.state.global_step);
+            None
+        };
+        self.store.zero_grad();
+        Ok(stepped)
+    }
+
+    /// One validation pass of at most `max_val_steps_per_epoch` batches: the losses with the
+    /// training's deep supervision (unweighted by the targets' weights) and the metrics on the
+    /// full-resolution heads; None when there is no validation batch.
+    pub fn validate(&self, data: &mut dyn BatchSource) -> Result<Option<Validation>> {
+        Ok(self.validate_with_panels(data)?.0)
+    }
+
+    /// [`validate`](Self::validate), and GIF panels of the first sample.
+    #[allow(clippy::type_complexity)]
+    fn validate_with_panels(
+        &self,
+        data: &mut dyn BatchSource,
+    ) -> Result<(Option<Validation>, Option<(Vec<Panel>, Vec<Panel>)>)> {
+        let max = self.config.tr_config.max_val_steps_per_epoch;
+        if max == 0 {
+            return Ok((None, None));
+        }
+        let targets = &self.config.dataset_config.targets;
+        let mut acc = Accumulator::new(targets);
+        let mut panels = None;
+        let bar = self.bar(max as u64, "validation".to_string());
+        for (b, batch) in data.validation()?.enumerate() {
+            // Polling once more lets a loader that ends its pass itself see the end.
+            if b == max {
+                break;
+            }
+            let batch = batch.with_context(|| format!("validation batch {b}"))?;
+            let mut g = Graph::no_grad();
+            let x = g.constant(batch.input.clone());
+            let outputs = self.net.forward(&mut g, &self.store, x)?;
+            let losses = self.target_losses(&mut g, &batch, &outputs)?;
+            let mut shown = Vec::new();
+            for (t, (heads, &l)) in outputs.iter().zip(&losses).enumerate() {
+                let (scoring, activation) = acc.scoring(t);
+                let output = match scoring {
+                    Scoring::Segmentation(_) => g.value(heads[0]).clone(),
+                    Scoring::Regression => {
+                        let y = apply_activation(&mut g, heads[0], activation)?;
+                        g.value(y).clone()
+                    }
+                };
+                let loss = f64::from(g.value(l).item()?);
+                acc.add(t, loss, &output, &batch.targets[t].scales[0])?;
+                shown.push((scoring, output));
+            }
+            acc.end_batch();
+            if b == 0 {
+                panels = Some(gif_panels(&batch, targets, &shown)?);
+            }
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        let v = acc.finish();
+        Ok(((v.batches > 0).then_some(v), panels))
+    }
+
+    fn bar(&self, len: u64, prefix: String) -> ProgressBar {
+        if !self.progress {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::new(len).with_prefix(prefix);
+        bar.set_style(
+            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
+                .expect("a valid template")
+                .progress_chars("=> "),
+        );
+        bar
+    }
+}
+
+struct TrainEpoch {
+    loss: f64,
+    target_losses: Vec<(String, f64)>,
+    patches_per_s: f64,
+    grad_norm: f64,
+}
+
+/// Sample 0 of (N, D, H, W, C): every channel when C = 3 (shown in colour), else channel 0.
+fn sample_panel(t: &Tensor) -> Result<Panel> {
+    let d = t.dims();
+    ensure!(d.len() == 5, "GIF: expected an (N, D, H, W, C) tensor, got shape {}", t.shape());
+    let (size, c) = ([d[1], d[2], d[3]], d[4]);
+    let voxels: usize = size.iter().product();
+    let data = &t.data()[..voxels * c];
+    if c == 3 {
+        Panel::new(size, 3, data.to_vec())
+    } else {
+        Panel::new(size, 1, data.iter().step_by(c).copied().collect())
+    }
+}
+
+/// Top row: the input and each target; bottom row: a blank tile and each prediction (the class
+/// map of argmax targets, the probability of thresholded ones, the activated regression output).
+fn gif_panels(
+    batch: &Batch,
+    targets: &[TargetConfig],
+    outputs: &[(Scoring, Tensor)],
+) -> Result<(Vec<Panel>, Vec<Panel>)> {
+    let input = sample_panel(&batch.input)?;
+    let mut top = vec![input.clone()];
+    let mut bottom = vec![Panel::new(input.size, 1, vec![0.0; input.data.len()])?];
+    for ((t, tb), (scoring, out)) in targets.iter().zip(&batch.targets).zip(outputs) {
+        top.push(sample_panel(&tb.scales[0]).with_context(|| format!("target '{}'", t.name))?);
+        let pred = match scoring {
+            Scoring::Segmentation(Decision::Argmax) => {
+                let c = *out.dims().last().expect("5-D");
+                let classes: Vec<f32> =
+                    out.data().chunks_exact(c).map(|r| metrics::argmax(r) as f32).collect();
+                sample_panel(&Tensor::from_vec([out.dims()[..4].to_vec(), vec![1]].concat(), classes)?)?
+            }
+            Scoring::Segmentation(Decision::Threshold) => {
+                let p: Vec<f32> = out.data().iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect();
+                sample_panel(&Tensor::from_vec(out.dims().to_vec(), p)?)?
+            }
+            Scoring::Regression => sample_panel(out)?,
+        };
+        bottom.push(pred);
+    }
+    Ok((top, bottom))
+}
+
+/// The first batch's shape, dtype and range per key, as the seed prints it.
+pub fn describe_batch(batch: &Batch) -> String {
+    let range = |t: &Tensor| {
+        let (lo, hi) =
+            t.data().iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+        format!("shape {} float32 min {lo:.4} max {hi:.4}", t.shape())
+    };
+    let mut s = format!("first batch:\n  input: {}", range(&batch.input));
+    for t in &batch.targets {
+        for (i, scale) in t.scales.iter().enumerate() {
+            s += &format!("\n  {}[scale {i}]: {}", t.name, range(scale));
+        }
+    }
+    s
+}
+
+fn describe_epoch(r: &EpochReport, max_epoch: usize) -> String {
+    let mut s = format!(
+        "epoch {}/{max_epoch}: lr {:.2e}, train loss {:.4} ({}), {:.1} patches/s",
+        r.epoch + 1,
+        r.lr,
+        r.train_loss,
+        r.train_target_losses.iter().map(|(n, l)| format!("{n} {l:.4}")).collect::<Vec<_>>().join(", "),
+        r.patches_per_s
+    );
+    if let Some(v) = &r.validation {
+        for t in &v.targets {
+            s += &format!("\n  val {}: loss {:.4}", t.name, t.loss);
+            match &t.score {
+                Score::Dice(d) => {
+                    let d: Vec<String> = d.iter().map(|x| format!("{x:.3}")).collect();
+                    s += &format!(", dice per class [{}]", d.join(", "));
+                }
+                Score::Errors { mse, mae } => s += &format!(", mse {mse:.4}, mae {mae:.4}"),
+            }
+        }
+        if let Some(e) = r.ema_dice {
+            s += &format!("\n  mean dice {:.3}, EMA {e:.3}", v.mean_dice());
+        }
+    }
+    s
+}

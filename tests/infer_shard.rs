@@ -1,0 +1,263 @@
+//! Streaming inference into Zarr: sharded jobs and a killed-and-rerun job give the bytes of one
+//! unsharded run, a finished or foreign output is never overwritten without --overwrite, and the
+//! `unet3d infer` command runs end to end from a config, a weights file and a Zarr input.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use unet3d::cli::Cli;
+use unet3d::config::{Activation, Config, Normalization, OutputType};
+use unet3d::data::normalize::Normalizer;
+use unet3d::data::zarr::{ArraySpec, ChunkCache, ZarrArray, ZarrWriter};
+use unet3d::data::{DType, InMemoryArray, VolumeArray};
+use unet3d::infer::{Job, NetworkPredictor, OutputTarget, RunOptions, SlidingWindow, Summary, run};
+use unet3d::model::{Network, init, weights};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("unet3d-infer-shard-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+const YAML: &str = "tr_setup: {autoconfigure: false}\n\
+    tr_config: {patch_size: [8, 8, 8], batch_size: 2}\n\
+    model_config: {features_per_stage: [4, 8], strides: [1, 2], kernel_sizes: [3, 3], \
+    n_blocks_per_stage: [1, 1], deep_supervision: false}\n\
+    dataset_config:\n  in_channels: 1\n  normalization: zscore\n  targets:\n    \
+    sheet: {channels: 1, activation: sigmoid}\n    normals: {channels: 3, loss_fn: MaskedCosineLoss}\n\
+    inference_config: {patch_size: [8, 8, 8], batch_size: 3, overlap: 0.5}\n";
+
+const SHAPE: [usize; 3] = [13, 17, 20];
+
+fn volume() -> InMemoryArray {
+    let n = SHAPE.iter().product::<usize>();
+    let data = (0..n).map(|i| (i * 53 % 251) as f32).collect();
+    InMemoryArray::new("vol", SHAPE, 1, DType::U8, data).unwrap()
+}
+
+/// Everything that decides the output of the tests' runs.
+struct Model {
+    network: Network,
+    store: unet3d::ParamStore,
+}
+
+fn model() -> Model {
+    let config = Config::parse(YAML, &[]).unwrap().config;
+    let arch = config.architecture().unwrap();
+    let store = init::initialize(&arch, 3).unwrap();
+    Model { network: Network::new(&arch, &store).unwrap(), store }
+}
+
+fn targets() -> Vec<OutputTarget> {
+    vec![
+        OutputTarget {
+            name: "sheet".into(),
+            channels: 1,
+            activation: Activation::Sigmoid,
+            vectors: false,
+            output_type: OutputType::Uint8,
+        },
+        OutputTarget {
+            name: "normals".into(),
+            channels: 3,
+            activation: Activation::None,
+            vectors: true,
+            output_type: OutputType::Uint16,
+        },
+    ]
+}
+
+fn options(dir: &Path, shard: &str) -> RunOptions {
+    RunOptions {
+        output_path: dir.to_path_buf(),
+        shard: shard.parse().unwrap(),
+        overwrite: false,
+        max_blocks: None,
+        // one 8^3 chunk per block: 2 x 3 x 3 = 18 blocks
+        block_bytes: 8 * 8 * 8 * 4 * 5,
+        show_progress: false,
+    }
+}
+
+/// Runs the tests' job with `overlap` (part of what is recorded) into `opts.output_path`.
+fn infer(m: &Model, overlap: f64, opts: &RunOptions) -> anyhow::Result<Summary> {
+    let v = volume();
+    let norm = Normalizer::for_volume(&v, &[Normalization::ZScore], None).unwrap();
+    let names: Vec<String> = targets().iter().map(|t| t.name.clone()).collect();
+    let predictor = NetworkPredictor::new(m.network.clone(), m.store.clone(), &names).unwrap();
+    let window = SlidingWindow::new(&v, &norm, &predictor, vec![1, 3], [8, 8, 8], overlap, 3).unwrap();
+    let provenance = serde_json::json!({"model": "tiny, seed 3", "normalization": format!("{norm:?}")});
+    run(&Job { window, targets: targets(), provenance }, opts)
+}
+
+/// Every file of the store (arrays and their chunks) by relative path.
+fn store_files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.insert(p.strip_prefix(root).unwrap().to_path_buf(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    let root = dir.join("predictions.zarr");
+    walk(&root, &root, &mut out);
+    out
+}
+
+#[test]
+fn shards_and_a_killed_rerun_give_the_bytes_of_one_run() {
+    let m = model();
+    let whole = scratch("whole");
+    let s = infer(&m, 0.5, &options(&whole, "1/1")).unwrap();
+    assert_eq!((s.blocks.clone(), s.computed, s.skipped, s.done), (0..18, 18, 0, true));
+    let reference = store_files(&whole);
+    // 2 targets x 18 chunks, their zarr.json and the group's
+    assert_eq!(reference.len(), 2 * 18 + 3, "{:?}", reference.keys().collect::<Vec<_>>());
+
+    // Values are plausible: sigmoid in (0, 255), normals of unit length.
+    let cache = ChunkCache::new(1 << 20);
+    let sheet = ZarrArray::open(&whole.join("predictions.zarr/sheet"), 1, &cache).unwrap();
+    assert_eq!(sheet.dtype(), DType::U8);
+    let normals = ZarrArray::open(&whole.join("predictions.zarr/normals"), 3, &cache).unwrap();
+    let n = normals.read([0; 3], SHAPE).unwrap();
+    for u in n.chunks(3) {
+        let len: f32 = u.iter().map(|x| (x / 65535.0 * 2.0 - 1.0).powi(2)).sum::<f32>().sqrt();
+        assert!((len - 1.0).abs() < 1e-3, "normal {u:?} has length {len}");
+    }
+
+    let sharded = scratch("sharded");
+    let mut covered = Vec::new();
+    for shard in ["2/3", "1/3", "3/3"] {
+        let s = infer(&m, 0.5, &options(&sharded, shard)).unwrap();
+        assert_eq!((s.computed, s.skipped), (6, 0), "shard {shard}");
+        covered.extend(s.blocks);
+    }
+    covered.sort();
+    assert_eq!(covered, (0..18).collect::<Vec<_>>());
+    assert!(store_files(&sharded) == reference, "sharded output differs from the unsharded one");
+
+    let killed = scratch("killed");
+    let first = infer(&m, 0.5, &RunOptions { max_blocks: Some(5), ..options(&killed, "1/1") }).unwrap();
+    assert_eq!((first.computed, first.done), (5, false));
+    let rest = infer(&m, 0.5, &options(&killed, "1/1")).unwrap();
+    assert_eq!((rest.computed, rest.skipped, rest.done), (13, 5, true));
+    assert!(store_files(&killed) == reference, "killed and rerun output differs from one run");
+
+    // A rerun of a finished output computes nothing and changes nothing.
+    let again = infer(&m, 0.5, &options(&whole, "1/1")).unwrap();
+    assert_eq!((again.computed, again.skipped), (0, 18));
+    assert!(store_files(&whole) == reference);
+    for d in [whole, sharded, killed] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+#[test]
+fn finished_and_foreign_outputs_are_not_overwritten_without_overwrite() {
+    let m = model();
+    let dir = scratch("refuse");
+    infer(&m, 0.5, &options(&dir, "1/1")).unwrap();
+    let before = store_files(&dir);
+    let err = format!("{:#}", infer(&m, 0.25, &options(&dir, "1/1")).unwrap_err());
+    assert!(err.contains("other settings") && err.contains("--overwrite"), "{err}");
+    assert!(err.contains("overlap: 0.5 vs 0.25"), "{err}");
+    assert!(store_files(&dir) == before, "a refused run changed the output");
+    let err = format!(
+        "{:#}",
+        infer(&m, 0.25, &RunOptions { overwrite: true, ..options(&dir, "1/2") }).unwrap_err()
+    );
+    assert!(err.contains("--overwrite with --shard 1/2"), "{err}");
+    let s = infer(&m, 0.25, &RunOptions { overwrite: true, ..options(&dir, "1/1") }).unwrap();
+    assert_eq!((s.computed, s.skipped), (s.blocks.len(), 0));
+    assert!(store_files(&dir) != before);
+
+    // An array that unet3d infer did not write is refused by name.
+    let foreign = scratch("foreign");
+    let spec = ArraySpec {
+        shape: SHAPE,
+        channels: 1,
+        chunks: [8; 3],
+        dtype: DType::U8,
+        attributes: Default::default(),
+    };
+    ZarrWriter::create(&foreign.join("predictions.zarr/sheet"), &spec, false).unwrap();
+    let err = format!("{:#}", infer(&m, 0.5, &options(&foreign, "1/1")).unwrap_err());
+    assert!(err.contains("predictions.zarr/sheet") && err.contains("not written by unet3d infer"), "{err}");
+    for d in [dir, foreign] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+#[test]
+fn infer_command_runs_from_a_config() {
+    let dir = scratch("cli");
+    let config = Config::parse(YAML, &[]).unwrap().config;
+    let arch = config.architecture().unwrap();
+    let store = init::initialize(&arch, 5).unwrap();
+    let ckpt = dir.join("w.safetensors");
+    weights::save(&ckpt, &arch, &store).unwrap();
+    let v = volume();
+    let spec = ArraySpec {
+        shape: SHAPE,
+        channels: 1,
+        chunks: [5, 6, 7],
+        dtype: DType::U8,
+        attributes: Default::default(),
+    };
+    let input = dir.join("vol.zarr/input");
+    ZarrWriter::create(&input, &spec, false).unwrap().write_region([0; 3], SHAPE, v.data()).unwrap();
+    let yaml = dir.join("c.yaml");
+    std::fs::write(&yaml, YAML).unwrap();
+    let out = dir.join("out");
+    let args = |extra: &[&str]| {
+        let mut a: Vec<String> = ["unet3d", "infer", "--config"].map(String::from).to_vec();
+        a.push(yaml.display().to_string());
+        a.extend([
+            "--checkpoint".into(),
+            ckpt.display().to_string(),
+            "--input".into(),
+            input.display().to_string(),
+        ]);
+        a.extend(["--output".into(), out.display().to_string(), "--output-targets".into(), "sheet".into()]);
+        a.extend(["--output-type", "float32", "--activation", "sheet=none"].map(String::from));
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    // One chunk per block; the first job stops after one block, the rerun reuses its statistics.
+    Cli::try_parse_from(args(&["--max-blocks", "1", "--block-mb", "0"])).unwrap().run().unwrap();
+    let done = |n| (0..18).filter(|b| out.join(format!(".progress/block-{b}.done")).exists()).count() == n;
+    assert!(done(1));
+    Cli::try_parse_from(args(&["--block-mb", "0"])).unwrap().run().unwrap();
+    assert!(done(18));
+    assert!(!out.join("predictions.zarr/normals").exists());
+    let cache = ChunkCache::new(1 << 20);
+    let got = ZarrArray::open(&out.join("predictions.zarr/sheet"), 1, &cache).unwrap();
+    assert_eq!((got.shape(), got.dtype()), (SHAPE, DType::F32));
+    // Raw logits (activation none): the same as the library run with the same weights.
+    let logits = got.read([0; 3], SHAPE).unwrap();
+    assert!(logits.iter().any(|&x| x < 0.0) && logits.iter().all(|x| x.is_finite()));
+    let m = Model { network: Network::new(&arch, &store).unwrap(), store };
+    let lib = dir.join("lib");
+    let norm = Normalizer::for_volume(&v, &[Normalization::ZScore], None).unwrap();
+    let predictor =
+        NetworkPredictor::new(m.network.clone(), m.store.clone(), &["sheet".to_string()]).unwrap();
+    let window = SlidingWindow::new(&v, &norm, &predictor, vec![1], [8, 8, 8], 0.5, 3).unwrap();
+    let mut t = targets().remove(0);
+    (t.activation, t.output_type) = (Activation::None, OutputType::Float32);
+    run(&Job { window, targets: vec![t], provenance: serde_json::json!({}) }, &options(&lib, "1/1")).unwrap();
+    let want =
+        ZarrArray::open(&lib.join("predictions.zarr/sheet"), 1, &cache).unwrap().read([0; 3], SHAPE).unwrap();
+    assert_eq!(logits, want);
+
+    // A wrong flag names itself.
+    let err =
+        format!("{:#}", Cli::try_parse_from(args(&["--activation", "sheet"])).unwrap().run().unwrap_err());
+    assert!(err.contains("--activation 'sheet'"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

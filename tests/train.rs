@@ -1,0 +1,434 @@
+//! The training loop end to end on a tiny network (16^3 patches, 4 to 16 features): learning on
+//! a synthetic task, exact resume, weights-only fine-tuning, refusals, and a seed YAML.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use unet3d::config::Config;
+use unet3d::data::{Batch, TargetBatch};
+use unet3d::loss::{LabelResample, deep_supervision_labels};
+use unet3d::model::Architecture;
+use unet3d::tensor::Tensor;
+use unet3d::train::checkpoint;
+use unet3d::train::data::LoaderSource;
+use unet3d::train::metrics::{Score, Validation};
+use unet3d::train::trainer::{BatchSource, ConfigSource, Trainer};
+
+const PATCH: usize = 16;
+
+/// Batches of bright balls in noise: `seg` (2 classes, DiceCE) is the ball, `dist` (MSE) its
+/// distance from the ball's centre over the patch size. Batch `i` is a function of (seed, i), as
+/// the real loader's.
+struct Balls {
+    seed: u64,
+    strides: Vec<[usize; 3]>,
+    batch_size: usize,
+    val_batches: usize,
+    /// The segmentation target's name (the distance target, if any, is `dist`).
+    seg: &'static str,
+    with_dist: bool,
+}
+
+impl Balls {
+    fn new(arch: &Architecture, batch_size: usize, val_batches: usize) -> Self {
+        let strides = if arch.deep_supervision { arch.strides.clone() } else { Vec::new() };
+        Balls { seed: 7, strides, batch_size, val_batches, seg: "seg", with_dist: true }
+    }
+
+    fn batch(&self, key: u64) -> Result<Batch> {
+        let mut rng = StdRng::seed_from_u64(self.seed ^ key.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let (n, p) = (self.batch_size, PATCH);
+        let (mut input, mut seg, mut dist) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..n {
+            let c: [f32; 3] = std::array::from_fn(|_| rng.random_range(4.0..12.0));
+            let r: f32 = rng.random_range(2.5..5.0);
+            for z in 0..p {
+                for y in 0..p {
+                    for x in 0..p {
+                        let d =
+                            [z, y, x].iter().zip(&c).map(|(&i, &ci)| (i as f32 - ci).powi(2)).sum::<f32>();
+                        let inside = d.sqrt() <= r;
+                        let noise: f32 = rng.random_range(-1.5..1.5);
+                        input.push(if inside { 0.6 } else { -0.6 } + noise);
+                        seg.push(f32::from(u8::from(inside)));
+                        dist.push(d.sqrt() / p as f32);
+                    }
+                }
+            }
+        }
+        let shape = [n, p, p, p, 1];
+        let scales = |t: Tensor| -> Result<Vec<Tensor>> {
+            if self.strides.is_empty() {
+                Ok(vec![t])
+            } else {
+                deep_supervision_labels(&t, &self.strides, LabelResample::NearestExact)
+            }
+        };
+        Ok(Batch {
+            input: Tensor::from_vec(shape, input)?,
+            targets: [(self.seg, seg, true), ("dist", dist, self.with_dist)]
+                .into_iter()
+                .filter(|t| t.2)
+                .map(|(name, data, _)| {
+                    Ok(TargetBatch { name: name.into(), scales: scales(Tensor::from_vec(shape, data)?)? })
+                })
+                .collect::<Result<_>>()?,
+            origins: vec![(0, [0; 3]); n],
+        })
+    }
+}
+
+impl BatchSource for Balls {
+    fn train_batch(&mut self, index: u64) -> Result<Batch> {
+        self.batch(index)
+    }
+
+    fn validation(&mut self) -> Result<Box<dyn Iterator<Item = Result<Batch>> + '_>> {
+        Ok(Box::new((0..self.val_batches as u64).map(|i| self.batch(u64::MAX - i))))
+    }
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("unet3d-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A tiny two-target config writing under `dir`; `extra` lines go into tr_config.
+fn yaml(dir: &Path, tr_config: &str) -> String {
+    format!(
+        "tr_setup: {{model_name: tiny, seed: 3, vram_max: 1GB, ckpt_out_base: {d}/ck, tensorboard_log_dir: {d}/tb}}
+tr_config: {{patch_size: [{PATCH}, {PATCH}, {PATCH}], batch_size: 2, {tr_config}}}
+model_config: {{base_features: 4, max_features: 16, n_blocks_per_stage: [1, 1, 1]}}
+dataset_config:
+  targets:
+    seg: {{channels: 2, loss_fn: DC_and_CE_loss, activation: softmax}}
+    dist: {{channels: 1, loss_fn: MSELoss, weight: 0.5}}
+",
+        d = dir.display()
+    )
+}
+
+fn trainer(yaml: &str, sets: &[&str]) -> Result<Trainer> {
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    let config = Config::parse(yaml, &sets)?.config;
+    let mut t = Trainer::new(config, ConfigSource { yaml: yaml.to_string(), sets })?;
+    t.progress = false;
+    Ok(t)
+}
+
+fn params(t: &Trainer) -> Vec<(String, Vec<f32>)> {
+    let s = t.store();
+    s.ids().map(|id| (s.name(id).to_string(), s.value(id).to_vec())).collect()
+}
+
+#[test]
+fn learns_the_synthetic_task() {
+    let dir = temp_dir("learn");
+    let y = yaml(&dir, "max_epoch: 6, max_steps_per_epoch: 12, max_val_steps_per_epoch: 2, initial_lr: 0.01");
+    let mut t = trainer(&y, &[]).unwrap();
+    let mut data = Balls::new(t.architecture(), 2, 2);
+    let dice = |v: &Validation| match &v.targets[0].score {
+        Score::Dice(d) => d[0],
+        Score::Errors { .. } => panic!("seg is scored with Dice"),
+    };
+    let untrained = dice(&t.validate(&mut data).unwrap().unwrap());
+    assert!(untrained < 0.5, "an untrained network scores Dice {untrained}");
+    let run = t.run(&mut data, None).unwrap();
+    let (first, last) = (&run.epochs[0], run.epochs.last().unwrap());
+    assert!(last.train_loss < first.train_loss - 0.3, "loss {} -> {}", first.train_loss, last.train_loss);
+    let v = last.validation.as_ref().unwrap();
+    assert!(dice(v) > 0.85, "validation Dice {} (untrained {untrained})", dice(v));
+    let Score::Errors { mse, .. } = v.targets[1].score else { panic!("dist is scored with MSE") };
+    assert!(mse.is_finite() && mse < 0.05, "validation MSE {mse}");
+    // EMA as nnU-Net keeps it: the first value, then 0.9 old + 0.1 new.
+    let dice: Vec<f64> = run.epochs.iter().map(|e| e.validation.as_ref().unwrap().mean_dice()).collect();
+    let ema = dice[1..].iter().fold(dice[0], |e, d| 0.9 * e + 0.1 * d);
+    assert!((last.ema_dice.unwrap() - ema).abs() < 1e-9);
+    // Outputs: the newest checkpoints_kept (default 10) epochs, best, final, GIFs, logs.
+    let ck = dir.join("ck");
+    assert_eq!(checkpoint::epoch_checkpoints(&ck, "tiny").unwrap().len(), 6);
+    assert!(run.final_model.as_ref().unwrap().exists() && run.best_checkpoint.is_some());
+    // One frame per z slice; top row input, seg, dist; bottom row blank and the two predictions.
+    let gif = std::fs::File::open(ck.join("tiny_gifs/epoch_0006.gif")).unwrap();
+    let mut decoder = gif::DecodeOptions::new().read_info(gif).unwrap();
+    assert_eq!((decoder.width(), decoder.height()), (3 * 16 + 2 * 2, 2 * 16 + 2));
+    let mut frames = 0;
+    while decoder.read_next_frame().unwrap().is_some() {
+        frames += 1;
+    }
+    assert_eq!(frames, PATCH);
+    let jsonl = std::fs::read_to_string(dir.join("tb/tiny/metrics.jsonl")).unwrap();
+    assert_eq!(jsonl.lines().count(), 6);
+    assert!(jsonl.contains("\"val/seg/dice_0\"") && jsonl.contains("\"val/dist/mse\""));
+    // The final model is a plain weights file.
+    unet3d::model::weights::load(run.final_model.as_ref().unwrap(), t.architecture()).unwrap();
+    // A second fresh run refuses to overwrite the first one's checkpoints.
+    let e = trainer(&y, &[]).unwrap().run(&mut data, None).unwrap_err().to_string();
+    assert!(e.contains("earlier run") && e.contains("--overwrite"), "{e}");
+    // With overwrite, the earlier run's files go before the new run writes its own.
+    let mut again = trainer(&y, &["tr_config.max_epoch=1", "tr_config.max_val_steps_per_epoch=0"]).unwrap();
+    again.overwrite = true;
+    let run = again.run(&mut data, None).unwrap();
+    assert_eq!(checkpoint::epoch_checkpoints(&ck, "tiny").unwrap().len(), 1);
+    assert!(run.best_checkpoint.is_none() && run.final_model.unwrap().exists());
+}
+
+#[test]
+fn resume_continues_exactly() {
+    let dir = temp_dir("resume");
+    // Accumulation 2 over 3 steps also covers the short last group of each epoch.
+    let y = yaml(
+        &dir,
+        "max_epoch: 4, max_steps_per_epoch: 3, max_val_steps_per_epoch: 1, gradient_accumulation: 2",
+    );
+    let mut straight = trainer(&y, &["tr_setup.model_name=straight"]).unwrap();
+    let mut data = Balls::new(straight.architecture(), 2, 1);
+    straight.run(&mut data, None).unwrap();
+
+    let mut first = trainer(&y, &[]).unwrap();
+    first.run(&mut data, Some(2)).unwrap();
+    assert_eq!(first.state().epochs_done, 2);
+    let ck = checkpoint::epoch_path(&dir.join("ck"), "tiny", 2);
+    let resume = format!("tr_setup.checkpoint_path={}", ck.display());
+    let mut second = trainer(&y, &[&resume]).unwrap();
+    assert_eq!((second.state().epochs_done, second.state().global_step), (2, 6));
+    second.run(&mut data, None).unwrap();
+    assert_eq!(second.state().optimizer_steps, straight.state().optimizer_steps);
+    for ((name, a), (_, b)) in params(&straight).iter().zip(params(&second)) {
+        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(diff <= 1e-6, "{name}: resumed run differs by {diff}");
+    }
+    assert_eq!(second.state().ema_dice, straight.state().ema_dice);
+}
+
+#[test]
+fn weights_only_starts_at_epoch_zero_with_a_fresh_optimizer() {
+    let dir = temp_dir("weights-only");
+    let y = yaml(&dir, "max_epoch: 2, max_steps_per_epoch: 2, max_val_steps_per_epoch: 1");
+    let mut t = trainer(&y, &[]).unwrap();
+    let mut data = Balls::new(t.architecture(), 2, 1);
+    t.run(&mut data, Some(1)).unwrap();
+    let ck = checkpoint::epoch_path(&dir.join("ck"), "tiny", 1);
+    let sets = [
+        format!("tr_setup.checkpoint_path={}", ck.display()),
+        "tr_setup.load_weights_only=true".to_string(),
+        "tr_setup.model_name=finetune".to_string(),
+    ];
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let tuned = trainer(&y, &sets).unwrap();
+    assert_eq!(
+        (tuned.state().epochs_done, tuned.state().global_step, tuned.state().optimizer_steps),
+        (0, 0, 0)
+    );
+    assert!(tuned.optimizer().export_state().tensors.is_empty(), "the optimizer starts without moments");
+    assert_eq!(params(&tuned), params(&t), "the weights are the checkpoint's");
+    // Resuming the same file in full does restore the moments.
+    let full = trainer(&y, &[sets[0]]).unwrap();
+    assert!(!full.optimizer().export_state().tensors.is_empty());
+}
+
+#[test]
+fn a_mismatched_checkpoint_is_refused_before_training() {
+    let dir = temp_dir("mismatch");
+    let y = yaml(&dir, "max_epoch: 1, max_steps_per_epoch: 1, max_val_steps_per_epoch: 0");
+    let mut t = trainer(&y, &[]).unwrap();
+    let mut data = Balls::new(t.architecture(), 2, 0);
+    t.run(&mut data, None).unwrap();
+    let ck = checkpoint::epoch_path(&dir.join("ck"), "tiny", 1);
+    let set = format!("tr_setup.checkpoint_path={}", ck.display());
+    let e = format!("{:#}", trainer(&y, &[&set, "model_config.base_features=8"]).err().unwrap());
+    assert!(e.contains("checkpoint_path") && e.contains(&ck.display().to_string()), "{e}");
+    assert!(e.contains("do not fit") && e.contains("features_per_stage"), "{e}");
+}
+
+#[test]
+fn refuses_what_it_cannot_run() {
+    let dir = temp_dir("refuse");
+    let y = yaml(&dir, "max_epoch: 1");
+    let e = format!("{:#}", trainer(&y, &["tr_setup.device=cuda:0"]).err().unwrap());
+    assert!(e.contains("GPU training is not wired up yet") && e.contains("--device cpu"), "{e}");
+    let e = format!("{:#}", trainer(&y, &["tr_setup.vram_max=1MB"]).err().unwrap());
+    assert!(e.contains("refusing to train") && e.contains("vram_max"), "{e}");
+}
+
+#[test]
+fn a_seed_yaml_runs_with_its_ignored_keys() {
+    let dir = temp_dir("seed");
+    let yaml =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tasks/seed-example.yaml")).unwrap();
+    let sets: Vec<String> = [
+        format!("tr_setup.ckpt_out_base={}/ck", dir.display()),
+        format!("tr_setup.tensorboard_log_dir={}/tb", dir.display()),
+        "tr_config.patch_size=[16, 16, 16]".to_string(),
+        "tr_config.batch_size=2".to_string(),
+        "tr_config.max_epoch=1".to_string(),
+        "tr_config.max_steps_per_epoch=2".to_string(),
+        "tr_config.max_val_steps_per_epoch=1".to_string(),
+    ]
+    .into();
+    let parsed = Config::parse(&yaml, &sets).unwrap();
+    for key in ["tr_config.ignore_label", "tr_config.loss_only_on_label", "dataset_config.cache_file"] {
+        assert!(
+            parsed.warnings.iter().any(|w| w.contains(key)),
+            "no warning for {key}: {:?}",
+            parsed.warnings
+        );
+    }
+    let mut t = Trainer::new(parsed.config, ConfigSource { yaml, sets }).unwrap();
+    t.progress = false;
+    let mut data = Balls { seg: "ink", with_dist: false, ..Balls::new(t.architecture(), 2, 1) };
+    let run = t.run(&mut data, None).unwrap();
+    assert_eq!(run.epochs.len(), 1);
+    assert!(run.epochs[0].train_loss.is_finite());
+    assert!(run.final_model.unwrap().ends_with("ink_final.safetensors"));
+}
+
+/// The demo's three targets on the example data, through the real dataset and loader.
+fn example_yaml(dir: &Path, data: &Path, tr_config: &str) -> String {
+    let volume = |k: usize| {
+        let v = data.join(format!("volume{k}.zarr"));
+        format!(
+            "    - {{input: {0}/input, sheet: {0}/sheet, distance: {0}/distance, normals: {0}/normals, ref_label: sheet}}\n",
+            v.display()
+        )
+    };
+    format!(
+        "tr_setup: {{model_name: ex, seed: 2, tr_val_split: 0.5, ckpt_out_base: {d}/ck, tensorboard_log_dir: {d}/tb}}
+tr_config: {{patch_size: [{PATCH}, {PATCH}, {PATCH}], batch_size: 2, num_dataloader_workers: 1, initial_lr: 0.01, {tr_config}}}
+model_config: {{base_features: 4, max_features: 16, n_blocks_per_stage: [1, 1, 1]}}
+dataset_config:
+  normalization: zscore
+  sampling: random
+  targets:
+    sheet: {{channels: 1, activation: sigmoid, loss_fn: BCEDiceLoss}}
+    distance: {{channels: 1, loss_fn: SmoothL1Loss, weight: 0.5}}
+    normals: {{channels: 3, loss_fn: MaskedCosineLoss}}
+  volume_paths:
+{}{}",
+        volume(0),
+        volume(1),
+        d = dir.display()
+    )
+}
+
+#[test]
+fn trains_on_the_example_data_through_the_loader() {
+    let dir = temp_dir("example");
+    let data = dir.join("data");
+    let opts = unet3d::data::example::ExampleOptions { volumes: 2, size: 32, seed: 0, overwrite: false };
+    unet3d::data::example::write_example_data(&data, &opts).unwrap();
+    let y = example_yaml(&dir, &data, "max_epoch: 5, max_steps_per_epoch: 8, max_val_steps_per_epoch: 2");
+    let config = Config::parse(&y, &[]).unwrap().config;
+    let mut t = Trainer::new(config.clone(), ConfigSource::default()).unwrap();
+    t.progress = false;
+    let mut source = LoaderSource::new(&config, t.architecture()).unwrap();
+    let untrained = t.validate(&mut source).unwrap().unwrap();
+    let run = t.run(&mut source, None).unwrap();
+    let (first, last) = (&run.epochs[0], run.epochs.last().unwrap());
+    assert!(last.train_loss < first.train_loss, "loss {} -> {}", first.train_loss, last.train_loss);
+    let v = last.validation.as_ref().unwrap();
+    let Score::Dice(d) = &v.targets[0].score else { panic!("sheet is scored with Dice") };
+    let Score::Dice(d0) = &untrained.targets[0].score else { unreachable!() };
+    assert!(d[0] > 0.85 && d0[0] < 0.6, "validation sheet Dice {d0:?} untrained, {d:?} trained");
+    // The validation pass is the same every epoch: validating again gives the same numbers.
+    assert_eq!(t.validate(&mut source).unwrap().as_ref(), Some(v));
+}
+
+#[test]
+fn resume_through_the_loader_continues_with_the_same_batches() {
+    let dir = temp_dir("example-resume");
+    let data = dir.join("data");
+    let opts = unet3d::data::example::ExampleOptions { volumes: 2, size: 24, seed: 1, overwrite: false };
+    unet3d::data::example::write_example_data(&data, &opts).unwrap();
+    let y = example_yaml(&dir, &data, "max_epoch: 2, max_steps_per_epoch: 3, max_val_steps_per_epoch: 1");
+    let run = |sets: &[&str], stop: Option<usize>| {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        let config = Config::parse(&y, &sets).unwrap().config;
+        let mut t = Trainer::new(config.clone(), ConfigSource::default()).unwrap();
+        t.progress = false;
+        // A fresh loader each time, as a restarted process has.
+        let mut source = LoaderSource::new(&config, t.architecture()).unwrap();
+        t.run(&mut source, stop).unwrap();
+        t
+    };
+    let straight = run(&["tr_setup.model_name=straight"], None);
+    run(&[], Some(1));
+    let ck = checkpoint::epoch_path(&dir.join("ck"), "ex", 1);
+    let resumed = run(&[&format!("tr_setup.checkpoint_path={}", ck.display())], None);
+    assert_eq!(resumed.state().global_step, 6);
+    for ((name, a), (_, b)) in params(&straight).iter().zip(params(&resumed)) {
+        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(diff <= 1e-6, "{name}: resumed run differs by {diff}");
+    }
+}
+
+#[test]
+fn dice_counts_match_a_hand_count() {
+    use unet3d::train::metrics::{Decision, DiceCounts, ErrorSums, ema};
+    // 4 voxels, 3 classes: predictions (argmax) 1, 2, 0, 1 against truth 1, 1, 0, 2.
+    let logits =
+        Tensor::from_vec([1, 1, 1, 4, 3], vec![0., 5., 1., 0., 1., 3., 9., 0., 0., 2., 7., 7.]).unwrap();
+    let truth = Tensor::from_vec([1, 1, 1, 4, 1], vec![1., 1., 0., 2.]).unwrap();
+    let mut c = DiceCounts::default();
+    c.add(Decision::Argmax, &logits, &truth).unwrap();
+    // Ties go to the first class (voxel 3: classes 1 and 2 tie at 7).
+    assert_eq!((c.tp.clone(), c.fp.clone(), c.fn_.clone()), (vec![1, 0], vec![1, 1], vec![1, 1]));
+    assert_eq!(c.dice(), vec![0.5, 0.0]);
+    // Threshold: logit > 0 per channel against > 0.5.
+    let logits = Tensor::from_vec([1, 1, 1, 2, 2], vec![1., -1., 2., 3.]).unwrap();
+    let truth = Tensor::from_vec([1, 1, 1, 2, 2], vec![1., 0., 0., 1.]).unwrap();
+    let mut c = DiceCounts::default();
+    c.add(Decision::Threshold, &logits, &truth).unwrap();
+    assert_eq!(c.dice(), vec![2.0 / 3.0, 1.0]);
+    // A class absent from prediction and truth is NaN, not a perfect score.
+    let mut c = DiceCounts::default();
+    c.add(Decision::Threshold, &Tensor::full([1, 1, 1, 2, 1], -1.0), &Tensor::zeros([1, 1, 1, 2, 1]))
+        .unwrap();
+    assert!(c.dice()[0].is_nan());
+    let mut e = ErrorSums::default();
+    e.add(&Tensor::from_vec([2], vec![1.0, 4.0]).unwrap(), &Tensor::from_vec([2], vec![2.0, 2.0]).unwrap())
+        .unwrap();
+    assert_eq!((e.mse(), e.mae()), (2.5, 1.5));
+    assert_eq!(ema(None, 0.5), Some(0.5));
+    assert_eq!(ema(Some(0.5), 1.0), Some(0.55));
+    assert_eq!(ema(Some(0.5), f64::NAN), Some(0.5));
+}
+
+#[test]
+fn ct_statistics_travel_with_the_model() {
+    use unet3d::data::VolumeArray;
+    use unet3d::data::normalize::CtStats;
+    use unet3d::data::zarr::{ChunkCache, ZarrArray};
+    let dir = temp_dir("ct");
+    let data = dir.join("data");
+    let opts = unet3d::data::example::ExampleOptions { volumes: 2, size: 16, seed: 3, overwrite: false };
+    unet3d::data::example::write_example_data(&data, &opts).unwrap();
+    let y = example_yaml(&dir, &data, "max_epoch: 1, max_steps_per_epoch: 1, max_val_steps_per_epoch: 1");
+    let config = Config::parse(&y, &["dataset_config.normalization=ct".to_string()]).unwrap().config;
+    let mut t = Trainer::new(config.clone(), ConfigSource::default()).unwrap();
+    t.progress = false;
+    let mut source = LoaderSource::new(&config, t.architecture()).unwrap();
+    let run = t.run(&mut source, None).unwrap();
+    // nnU-Net's fingerprint: every volume's foreground (ref_label > 0), computed independently here.
+    let cache = ChunkCache::new(1 << 20);
+    let open =
+        |k: usize, a: &str| ZarrArray::open(&data.join(format!("volume{k}.zarr/{a}")), 1, &cache).unwrap();
+    let arrays: Vec<(ZarrArray, ZarrArray)> = (0..2).map(|k| (open(k, "input"), open(k, "sheet"))).collect();
+    let pairs: Vec<(&dyn VolumeArray, &dyn VolumeArray)> =
+        arrays.iter().map(|(i, l)| (i as &dyn VolumeArray, l as &dyn VolumeArray)).collect();
+    let want = CtStats::compute(&pairs).unwrap();
+    let final_model = run.final_model.unwrap();
+    assert_eq!(checkpoint::ct_stats(&final_model).unwrap(), Some(want.clone()));
+    assert_eq!(checkpoint::ct_stats(&run.epochs[0].checkpoint).unwrap(), Some(want));
+    // Without ct there is nothing to carry.
+    let mut plain =
+        trainer(&yaml(&dir, "max_epoch: 1, max_steps_per_epoch: 1, max_val_steps_per_epoch: 0"), &[])
+            .unwrap();
+    let mut balls = Balls::new(plain.architecture(), 2, 0);
+    let run = plain.run(&mut balls, None).unwrap();
+    assert_eq!(checkpoint::ct_stats(&run.final_model.unwrap()).unwrap(), None);
+}
