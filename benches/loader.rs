@@ -76,6 +76,7 @@ fn main() -> Result<()> {
             tr_val_split: 1.0,
             split_seed: 0,
             first_batch: 0,
+            dilate_label: false,
         };
         let mut loader = Loader::train(Arc::clone(&dataset), &config, &[0], opts)?;
         loader.next_batch()?;

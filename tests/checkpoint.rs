@@ -1,6 +1,9 @@
 //! Checkpoint files: a round trip keeps every value, an interrupted write never leaves a file that
 //! loads wrongly, and files that do not fit are clear errors.
 
+mod common;
+
+use common::scratch_dir;
 use std::path::{Path, PathBuf};
 
 use unet3d::autograd::ParamStore;
@@ -18,13 +21,6 @@ dataset_config: {{targets: {{seg: {{channels: 2, loss_fn: DC_and_CE_loss}}}}}}
 "
     );
     Config::parse(&yaml, &[]).unwrap().config.architecture().unwrap()
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("unet3d-ckpt-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 fn state(epochs_done: usize) -> TrainingState {
@@ -71,7 +67,7 @@ fn assert_same_store(a: &ParamStore, b: &ParamStore) {
 
 #[test]
 fn round_trip_keeps_weights_moments_and_state() {
-    let (dir, arch) = (temp_dir("round-trip"), arch(4));
+    let (dir, arch) = (scratch_dir("round-trip"), arch(4));
     let (store, adam) = trained(&arch, 3);
     let path = dir.join("m_1.safetensors");
     checkpoint::save(&path, &arch, &store, &adam.export_state(), &state(1)).unwrap();
@@ -108,7 +104,7 @@ fn temp_of(path: &Path) -> PathBuf {
 
 #[test]
 fn an_interrupted_write_never_loads_wrongly() {
-    let (dir, arch) = (temp_dir("interrupted"), arch(4));
+    let (dir, arch) = (scratch_dir("interrupted"), arch(4));
     let (old, old_adam) = trained(&arch, 1);
     let path = checkpoint::epoch_path(&dir, "m", 1);
     checkpoint::save(&path, &arch, &old, &old_adam.export_state(), &state(1)).unwrap();
@@ -160,7 +156,7 @@ fn an_interrupted_write_never_loads_wrongly() {
 
 #[test]
 fn checkpoints_that_do_not_fit_are_clear_errors() {
-    let (dir, small, wide) = (temp_dir("mismatch"), arch(4), arch(8));
+    let (dir, small, wide) = (scratch_dir("mismatch"), arch(4), arch(8));
     let (store, adam) = trained(&small, 1);
     let path = dir.join("m_1.safetensors");
     checkpoint::save(&path, &small, &store, &adam.export_state(), &state(1)).unwrap();
@@ -181,7 +177,7 @@ fn checkpoints_that_do_not_fit_are_clear_errors() {
 
 #[test]
 fn prune_keeps_the_newest() {
-    let (dir, arch) = (temp_dir("prune"), arch(4));
+    let (dir, arch) = (scratch_dir("prune"), arch(4));
     let (store, adam) = trained(&arch, 0);
     for e in [1, 2, 3, 10, 11] {
         checkpoint::save(

@@ -2,6 +2,9 @@
 //! and label, 003 a float32 image and a float32 label holding 0/1/2): the Zarr voxels equal the
 //! NIfTI voxels decoded here independently of the crate's reader.
 
+mod common;
+
+use common::scratch_dir;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -13,13 +16,6 @@ use unet3d::data::{DType, VolumeArray};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hippocampus")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("unet3d-convert-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// A little-endian NIfTI-1 .nii.gz decoded by hand: (nx, ny, nz), pixdim[1..4], and the voxels
@@ -80,7 +76,7 @@ fn open(path: &Path) -> ZarrArray {
 
 #[test]
 fn one_case_keeps_voxels_dtype_and_spacing() {
-    let dir = scratch("pair");
+    let dir = scratch_dir("pair");
     let image = fixtures().join("imagesTr/hippocampus_001.nii.gz");
     let label = fixtures().join("labelsTr/hippocampus_001.nii.gz");
     let out = dir.join("case.zarr");
@@ -114,7 +110,7 @@ fn one_case_keeps_voxels_dtype_and_spacing() {
 
 #[test]
 fn whole_folder_with_mixed_dtypes_and_a_pasteable_config() {
-    let dir = scratch("folder");
+    let dir = scratch_dir("folder");
     let out = dir.join("zarr");
     let cases = convert_dataset(&fixtures(), &out, &ConvertOptions::default()).unwrap();
     assert_eq!(cases, vec![out.join("hippocampus_001.zarr"), out.join("hippocampus_003.zarr")]);
@@ -149,7 +145,7 @@ fn whole_folder_with_mixed_dtypes_and_a_pasteable_config() {
 
 #[test]
 fn cli_converts_a_folder() {
-    let dir = scratch("cli");
+    let dir = scratch_dir("cli");
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_unet3d"))
         .args(["convert", "--dataset"])
         .arg(fixtures())
@@ -166,7 +162,7 @@ fn cli_converts_a_folder() {
 
 #[test]
 fn nnunet_v2_folder_with_one_file_per_channel() {
-    let dir = scratch("v2");
+    let dir = scratch_dir("v2");
     let src = dir.join("Dataset001_Test");
     std::fs::create_dir_all(src.join("imagesTr")).unwrap();
     std::fs::create_dir_all(src.join("labelsTr")).unwrap();

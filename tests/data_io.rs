@@ -1,20 +1,15 @@
 //! Zarr volumes: hand-written v2 arrays read back voxel for voxel, v3 round trips through the
 //! writer, channel axes, the chunk cache's decode counts, and the dataset's bad-input errors.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::scratch_dir;
+use std::path::Path;
 
 use unet3d::config::Config;
 use unet3d::data::dataset::Dataset;
 use unet3d::data::zarr::{ArraySpec, ChunkCache, ZarrArray, ZarrWriter};
 use unet3d::data::{DType, VolumeArray};
-
-/// A fresh, empty directory for one test.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("unet3d-data-io-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// Writes a Zarr v2 array by hand: `.zarray` with no compressor and one raw file per chunk, in C
 /// order, every chunk full size (edge chunks padded with 0 bytes), as zarr-python writes them.
@@ -80,7 +75,7 @@ fn cache() -> ChunkCache {
 
 #[test]
 fn hand_written_v2_reads_voxel_for_voxel_with_partial_edge_chunks() {
-    let dir = scratch("v2");
+    let dir = scratch_dir("v2");
     let path = dir.join("vol.zarr/input");
     let v = |z: usize, y: usize, x: usize| (z * 100 + y * 10 + x) as u16;
     write_v2(&path, &[5, 6, 7], &[2, 4, 4], "<u2", |i| v(i[0], i[1], i[2]).to_le_bytes().to_vec());
@@ -98,7 +93,7 @@ fn hand_written_v2_reads_voxel_for_voxel_with_partial_edge_chunks() {
 
 #[test]
 fn v3_round_trip_for_every_dtype_with_round_and_clamp() {
-    let dir = scratch("v3");
+    let dir = scratch_dir("v3");
     // (dtype, values written, values read back)
     let cases: [(DType, [f32; 4], [f32; 4]); 4] = [
         (DType::U8, [3.6, -5.0, 300.0, 254.4], [4.0, 0.0, 255.0, 254.0]),
@@ -142,7 +137,7 @@ fn v3_round_trip_for_every_dtype_with_round_and_clamp() {
 
 #[test]
 fn channel_axis_first_or_last_and_last_wins_a_tie() {
-    let dir = scratch("channels");
+    let dir = scratch_dir("channels");
     let f = |z: usize, y: usize, x: usize, c: usize| (c * 1000 + z * 100 + y * 10 + x) as f32;
     // Channel-first (C, D, H, W), big-endian int16, chunked along the channels too.
     let first = dir.join("first");
@@ -170,7 +165,7 @@ fn channel_axis_first_or_last_and_last_wins_a_tie() {
 
 #[test]
 fn cache_decodes_each_chunk_once_and_a_bounded_cache_evicts() {
-    let dir = scratch("cache");
+    let dir = scratch_dir("cache");
     let path = dir.join("a");
     // 8^3 float32 in 4^3 chunks: 8 chunks of 256 bytes.
     write_v2(&path, &[8, 8, 8], &[4, 4, 4], "<f4", |i| {
@@ -208,7 +203,7 @@ fn cache_decodes_each_chunk_once_and_a_bounded_cache_evicts() {
 
 #[test]
 fn writer_refuses_an_existing_array_unless_told_to_overwrite() {
-    let dir = scratch("overwrite");
+    let dir = scratch_dir("overwrite");
     let path = dir.join("case.zarr/label");
     let spec = ArraySpec {
         shape: [2, 2, 2],
@@ -251,7 +246,7 @@ fn write(path: &Path, shape: [usize; 3], channels: usize, dtype: DType) {
 
 #[test]
 fn dataset_opens_checked_volumes_and_names_what_is_wrong() {
-    let dir = scratch("dataset");
+    let dir = scratch_dir("dataset");
     write(&dir.join("v0.zarr/input"), [6, 5, 4], 1, DType::U8);
     write(&dir.join("v0.zarr/sheet"), [6, 5, 4], 1, DType::U8);
     write(&dir.join("v0.zarr/normals"), [6, 5, 4], 3, DType::F32);
@@ -313,7 +308,7 @@ fn dataset_opens_checked_volumes_and_names_what_is_wrong() {
 #[test]
 fn example_data_is_the_demo_layout_consistent_and_deterministic() {
     use unet3d::data::example::{DISTANCE_CLIP, ExampleOptions, synth_volume, write_example_data};
-    let dir = scratch("example");
+    let dir = scratch_dir("example");
     let opts = ExampleOptions { volumes: 2, size: 24, seed: 7, overwrite: false };
     let written = write_example_data(&dir, &opts).unwrap();
     assert_eq!(written, vec![dir.join("volume0.zarr"), dir.join("volume1.zarr")]);

@@ -2,6 +2,9 @@
 //! unsharded run, a finished or foreign output is never overwritten without --overwrite, and the
 //! `unet3d infer` command runs end to end from a config, a weights file and a Zarr input.
 
+mod common;
+
+use common::scratch_dir;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -13,13 +16,6 @@ use unet3d::data::zarr::{ArraySpec, ChunkCache, ZarrArray, ZarrWriter};
 use unet3d::data::{DType, InMemoryArray, VolumeArray};
 use unet3d::infer::{Job, NetworkPredictor, OutputTarget, RunOptions, SlidingWindow, Summary, run};
 use unet3d::model::{Network, init, weights};
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("unet3d-infer-shard-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 const YAML: &str = "tr_setup: {autoconfigure: false}\n\
     tr_config: {patch_size: [8, 8, 8], batch_size: 2}\n\
@@ -113,7 +109,7 @@ fn store_files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 #[test]
 fn shards_and_a_killed_rerun_give_the_bytes_of_one_run() {
     let m = model();
-    let whole = scratch("whole");
+    let whole = scratch_dir("whole");
     let s = infer(&m, 0.5, &options(&whole, "1/1")).unwrap();
     assert_eq!((s.blocks.clone(), s.computed, s.skipped, s.done), (0..18, 18, 0, true));
     let reference = store_files(&whole);
@@ -131,7 +127,7 @@ fn shards_and_a_killed_rerun_give_the_bytes_of_one_run() {
         assert!((len - 1.0).abs() < 1e-3, "normal {u:?} has length {len}");
     }
 
-    let sharded = scratch("sharded");
+    let sharded = scratch_dir("sharded");
     let mut covered = Vec::new();
     for shard in ["2/3", "1/3", "3/3"] {
         let s = infer(&m, 0.5, &options(&sharded, shard)).unwrap();
@@ -142,7 +138,7 @@ fn shards_and_a_killed_rerun_give_the_bytes_of_one_run() {
     assert_eq!(covered, (0..18).collect::<Vec<_>>());
     assert!(store_files(&sharded) == reference, "sharded output differs from the unsharded one");
 
-    let killed = scratch("killed");
+    let killed = scratch_dir("killed");
     let first = infer(&m, 0.5, &RunOptions { max_blocks: Some(5), ..options(&killed, "1/1") }).unwrap();
     assert_eq!((first.computed, first.done), (5, false));
     let rest = infer(&m, 0.5, &options(&killed, "1/1")).unwrap();
@@ -161,7 +157,7 @@ fn shards_and_a_killed_rerun_give_the_bytes_of_one_run() {
 #[test]
 fn finished_and_foreign_outputs_are_not_overwritten_without_overwrite() {
     let m = model();
-    let dir = scratch("refuse");
+    let dir = scratch_dir("refuse");
     infer(&m, 0.5, &options(&dir, "1/1")).unwrap();
     let before = store_files(&dir);
     let err = format!("{:#}", infer(&m, 0.25, &options(&dir, "1/1")).unwrap_err());
@@ -178,7 +174,7 @@ fn finished_and_foreign_outputs_are_not_overwritten_without_overwrite() {
     assert!(store_files(&dir) != before);
 
     // An array that unet3d infer did not write is refused by name.
-    let foreign = scratch("foreign");
+    let foreign = scratch_dir("foreign");
     let spec = ArraySpec {
         shape: SHAPE,
         channels: 1,
@@ -196,7 +192,7 @@ fn finished_and_foreign_outputs_are_not_overwritten_without_overwrite() {
 
 #[test]
 fn infer_command_runs_from_a_config() {
-    let dir = scratch("cli");
+    let dir = scratch_dir("cli");
     let config = Config::parse(YAML, &[]).unwrap().config;
     let arch = config.architecture().unwrap();
     let store = init::initialize(&arch, 5).unwrap();

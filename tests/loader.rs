@@ -69,6 +69,7 @@ fn options(workers: usize, augmentation: Option<Augmentation>) -> LoaderOptions 
         tr_val_split: 0.8,
         split_seed: 5,
         first_batch: 0,
+        dilate_label: false,
     }
 }
 

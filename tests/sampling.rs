@@ -2,6 +2,9 @@
 //! positions, the train/validation split and the normalisation schemes against hand-computed
 //! values.
 
+mod common;
+
+use common::scratch_dir;
 use std::path::{Path, PathBuf};
 
 use rand::rngs::StdRng;
@@ -135,13 +138,6 @@ fn an_empty_label_volume_is_an_error_naming_it() {
     assert!(e.contains("vol4/sheet") && e.contains("min_labeled_ratio"), "{e}");
 }
 
-fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("unet3d-sampling-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 fn write_label(path: &Path, shape: [usize; 3], data: &[f32]) {
     let spec =
         ArraySpec { shape, channels: 1, chunks: [8, 8, 8], dtype: DType::U8, attributes: Default::default() };
@@ -158,7 +154,7 @@ fn tamper(cache: &Path) {
 
 #[test]
 fn the_cache_is_used_only_while_its_key_matches() {
-    let dir = temp_dir("cache");
+    let dir = scratch_dir("cache");
     let shape = [16, 16, 16];
     let path = dir.join("vol0.zarr/sheet");
     let data = boxes(shape, 5, 42);

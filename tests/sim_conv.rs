@@ -50,6 +50,15 @@ fn name(p: ConvPrecision) -> &'static str {
     }
 }
 
+/// Random input, weight, bias and output gradient of the given (x, w, y) dims (seeds seed to
+/// seed + 3), on the host and on `gpu`.
+fn operands(gpu: &Gpu, [xd, wd, yd]: [[usize; 5]; 3], seed: u64) -> ([Vec<f32>; 4], [GpuTensor; 4]) {
+    let dims = [&xd[..], &wd[..], &[yd[4]], &yd[..]];
+    let host: [Vec<f32>; 4] = std::array::from_fn(|i| random(dims[i].iter().product(), seed + i as u64));
+    let dev = std::array::from_fn(|i| upload(gpu, dims[i], &host[i]));
+    (host, dev)
+}
+
 /// One conv3d: forward with bias, backward-data, backward-weight with the bias gradient, each
 /// against the naive loops.
 fn conv_case(gpu: &Gpu, d: ConvDims, p: ConvPrecision, tol: f64, seed: u64) {
@@ -57,14 +66,7 @@ fn conv_case(gpu: &Gpu, d: ConvDims, p: ConvPrecision, tol: f64, seed: u64) {
     let xd = [d.n, d.input[0], d.input[1], d.input[2], d.cin];
     let wd = [d.cout, d.kernel[0], d.kernel[1], d.kernel[2], d.cin];
     let yd = [d.n, od, oh, ow, d.cout];
-    let (xv, wv, bv, gyv) = (
-        random(d.x_len(), seed),
-        random(d.w_len(), seed + 1),
-        random(d.cout, seed + 2),
-        random(d.y_len(), seed + 3),
-    );
-    let (x, w, b, gy) =
-        (upload(gpu, &xd, &xv), upload(gpu, &wd, &wv), upload(gpu, &[d.cout], &bv), upload(gpu, &yd, &gyv));
+    let ([xv, wv, bv, gyv], [x, w, b, gy]) = operands(gpu, [xd, wd, yd], seed);
     let what = format!("conv3d {d:?} {}", name(p));
 
     let mut want = vec![0.0; d.y_len()];
@@ -95,14 +97,7 @@ fn transposed_case(gpu: &Gpu, d: TransposedDims, p: ConvPrecision, tol: f64, see
     let xd = [d.n, d.input[0], d.input[1], d.input[2], d.cin];
     let wd = [d.cin, d.kernel[0], d.kernel[1], d.kernel[2], d.cout];
     let yd = [d.n, od, oh, ow, d.cout];
-    let (xv, wv, bv, gyv) = (
-        random(d.x_len(), seed),
-        random(d.w_len(), seed + 1),
-        random(d.cout, seed + 2),
-        random(d.y_len(), seed + 3),
-    );
-    let (x, w, b, gy) =
-        (upload(gpu, &xd, &xv), upload(gpu, &wd, &wv), upload(gpu, &[d.cout], &bv), upload(gpu, &yd, &gyv));
+    let ([xv, wv, bv, gyv], [x, w, b, gy]) = operands(gpu, [xd, wd, yd], seed);
     let what = format!("conv_transpose3d {d:?} {}", name(p));
     let s = d.kernel;
 

@@ -118,16 +118,19 @@ fn instance_norm_fused_forward_and_backward_match_the_cpu() {
                     check(&format!("{what}: y"), &y, &want.y);
                     check(&format!("{what}: mean"), &stats.mean, &want.stats.mean);
                     check(&format!("{what}: rstd"), &stats.rstd, &want.stats.rstd);
-                    let g = norm::instance_norm_backward(
-                        &gy,
-                        &x,
-                        &stats,
-                        &gamma,
-                        &beta,
-                        act,
-                        residual.then_some(&y),
-                    )
-                    .unwrap();
+                    let backward = || {
+                        norm::instance_norm_backward(
+                            &gy,
+                            &x,
+                            &stats,
+                            &gamma,
+                            &beta,
+                            act,
+                            residual.then_some(&y),
+                        )
+                        .unwrap()
+                    };
+                    let g = backward();
                     // The backward reference takes the device's statistics: they may differ from
                     // the CPU's in the last bit, which can flip act' of a pre-activation next to 0.
                     let dev_stats = cpu_norm::NormStats {
@@ -157,16 +160,7 @@ fn instance_norm_fused_forward_and_backward_match_the_cpu() {
                     };
                     check(&format!("{what}: gx"), &g.gx, &wgx);
                     // No atomics: a second run is bit for bit the same.
-                    let again = norm::instance_norm_backward(
-                        &gy,
-                        &x,
-                        &stats,
-                        &gamma,
-                        &beta,
-                        act,
-                        residual.then_some(&y),
-                    )
-                    .unwrap();
+                    let again = backward();
                     for (a, b) in [(&g.gx, &again.gx), (&g.dgamma, &again.dgamma)] {
                         assert_eq!(
                             a.to_host().unwrap().data(),

@@ -1,6 +1,9 @@
 //! The training loop end to end on a tiny network (16^3 patches, 4 to 16 features): learning on
 //! a synthetic task, exact resume, weights-only fine-tuning, refusals, and a seed YAML.
 
+mod common;
+
+use common::scratch_dir;
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
@@ -90,13 +93,6 @@ impl BatchSource for Balls {
     }
 }
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("unet3d-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// A tiny two-target config writing under `dir`; `extra` lines go into tr_config.
 fn yaml(dir: &Path, tr_config: &str) -> String {
     format!(
@@ -127,7 +123,7 @@ fn params(t: &Trainer) -> Vec<(String, Vec<f32>)> {
 
 #[test]
 fn learns_the_synthetic_task() {
-    let dir = temp_dir("learn");
+    let dir = scratch_dir("learn");
     let y = yaml(&dir, "max_epoch: 6, max_steps_per_epoch: 12, max_val_steps_per_epoch: 2, initial_lr: 0.01");
     let mut t = trainer(&y, &[]).unwrap();
     let mut data = Balls::new(t.architecture(), 2, 2);
@@ -179,7 +175,7 @@ fn learns_the_synthetic_task() {
 
 #[test]
 fn resume_continues_exactly() {
-    let dir = temp_dir("resume");
+    let dir = scratch_dir("resume");
     // Accumulation 2 over 3 steps also covers the short last group of each epoch.
     let y = yaml(
         &dir,
@@ -207,7 +203,7 @@ fn resume_continues_exactly() {
 
 #[test]
 fn weights_only_starts_at_epoch_zero_with_a_fresh_optimizer() {
-    let dir = temp_dir("weights-only");
+    let dir = scratch_dir("weights-only");
     let y = yaml(&dir, "max_epoch: 2, max_steps_per_epoch: 2, max_val_steps_per_epoch: 1");
     let mut t = trainer(&y, &[]).unwrap();
     let mut data = Balls::new(t.architecture(), 2, 1);
@@ -233,7 +229,7 @@ fn weights_only_starts_at_epoch_zero_with_a_fresh_optimizer() {
 
 #[test]
 fn a_mismatched_checkpoint_is_refused_before_training() {
-    let dir = temp_dir("mismatch");
+    let dir = scratch_dir("mismatch");
     let y = yaml(&dir, "max_epoch: 1, max_steps_per_epoch: 1, max_val_steps_per_epoch: 0");
     let mut t = trainer(&y, &[]).unwrap();
     let mut data = Balls::new(t.architecture(), 2, 0);
@@ -247,7 +243,7 @@ fn a_mismatched_checkpoint_is_refused_before_training() {
 
 #[test]
 fn refuses_what_it_cannot_run() {
-    let dir = temp_dir("refuse");
+    let dir = scratch_dir("refuse");
     let y = yaml(&dir, "max_epoch: 1");
     let e = format!("{:#}", trainer(&y, &["tr_setup.device=cuda:0"]).err().unwrap());
     assert!(e.contains("GPU training is not wired up yet") && e.contains("--device cpu"), "{e}");
@@ -257,7 +253,7 @@ fn refuses_what_it_cannot_run() {
 
 #[test]
 fn a_seed_yaml_runs_with_its_ignored_keys() {
-    let dir = temp_dir("seed");
+    let dir = scratch_dir("seed");
     let yaml =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tasks/seed-example.yaml")).unwrap();
     let sets: Vec<String> = [
@@ -287,8 +283,14 @@ fn a_seed_yaml_runs_with_its_ignored_keys() {
     assert!(run.final_model.unwrap().ends_with("ink_final.safetensors"));
 }
 
-/// The demo's three targets on the example data, through the real dataset and loader.
-fn example_yaml(dir: &Path, data: &Path, tr_config: &str) -> String {
+/// Two `size`^3 example volumes (seeded) written under a fresh `name` folder, and a config
+/// training the demo's three targets on them through the real dataset and loader: (folder, data
+/// folder, YAML).
+fn example(name: &str, size: usize, seed: u64, tr_config: &str) -> (PathBuf, PathBuf, String) {
+    let dir = scratch_dir(name);
+    let data = dir.join("data");
+    let opts = unet3d::data::example::ExampleOptions { volumes: 2, size, seed, overwrite: false };
+    unet3d::data::example::write_example_data(&data, &opts).unwrap();
     let volume = |k: usize| {
         let v = data.join(format!("volume{k}.zarr"));
         format!(
@@ -296,7 +298,7 @@ fn example_yaml(dir: &Path, data: &Path, tr_config: &str) -> String {
             v.display()
         )
     };
-    format!(
+    let yaml = format!(
         "tr_setup: {{model_name: ex, seed: 2, tr_val_split: 0.5, ckpt_out_base: {d}/ck, tensorboard_log_dir: {d}/tb}}
 tr_config: {{patch_size: [{PATCH}, {PATCH}, {PATCH}], batch_size: 2, num_dataloader_workers: 1, initial_lr: 0.01, {tr_config}}}
 model_config: {{base_features: 4, max_features: 16, n_blocks_per_stage: [1, 1, 1]}}
@@ -312,16 +314,14 @@ dataset_config:
         volume(0),
         volume(1),
         d = dir.display()
-    )
+    );
+    (dir, data, yaml)
 }
 
 #[test]
 fn trains_on_the_example_data_through_the_loader() {
-    let dir = temp_dir("example");
-    let data = dir.join("data");
-    let opts = unet3d::data::example::ExampleOptions { volumes: 2, size: 32, seed: 0, overwrite: false };
-    unet3d::data::example::write_example_data(&data, &opts).unwrap();
-    let y = example_yaml(&dir, &data, "max_epoch: 5, max_steps_per_epoch: 8, max_val_steps_per_epoch: 2");
+    let (_, _, y) =
+        example("example", 32, 0, "max_epoch: 5, max_steps_per_epoch: 8, max_val_steps_per_epoch: 2");
     let config = Config::parse(&y, &[]).unwrap().config;
     let mut t = Trainer::new(config.clone(), ConfigSource::default()).unwrap();
     t.progress = false;
@@ -340,11 +340,8 @@ fn trains_on_the_example_data_through_the_loader() {
 
 #[test]
 fn resume_through_the_loader_continues_with_the_same_batches() {
-    let dir = temp_dir("example-resume");
-    let data = dir.join("data");
-    let opts = unet3d::data::example::ExampleOptions { volumes: 2, size: 24, seed: 1, overwrite: false };
-    unet3d::data::example::write_example_data(&data, &opts).unwrap();
-    let y = example_yaml(&dir, &data, "max_epoch: 2, max_steps_per_epoch: 3, max_val_steps_per_epoch: 1");
+    let (dir, _, y) =
+        example("example-resume", 24, 1, "max_epoch: 2, max_steps_per_epoch: 3, max_val_steps_per_epoch: 1");
     let run = |sets: &[&str], stop: Option<usize>| {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         let config = Config::parse(&y, &sets).unwrap().config;
@@ -403,11 +400,8 @@ fn ct_statistics_travel_with_the_model() {
     use unet3d::data::VolumeArray;
     use unet3d::data::normalize::CtStats;
     use unet3d::data::zarr::{ChunkCache, ZarrArray};
-    let dir = temp_dir("ct");
-    let data = dir.join("data");
-    let opts = unet3d::data::example::ExampleOptions { volumes: 2, size: 16, seed: 3, overwrite: false };
-    unet3d::data::example::write_example_data(&data, &opts).unwrap();
-    let y = example_yaml(&dir, &data, "max_epoch: 1, max_steps_per_epoch: 1, max_val_steps_per_epoch: 1");
+    let (dir, data, y) =
+        example("ct", 16, 3, "max_epoch: 1, max_steps_per_epoch: 1, max_val_steps_per_epoch: 1");
     let config = Config::parse(&y, &["dataset_config.normalization=ct".to_string()]).unwrap().config;
     let mut t = Trainer::new(config.clone(), ConfigSource::default()).unwrap();
     t.progress = false;

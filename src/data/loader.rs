@@ -19,6 +19,7 @@ use super::array::{DType, VolumeArray};
 use super::augment::Augmenter;
 use super::batch::{Batch, Patch, PatchTarget, TargetBatch, TargetKind};
 use super::dataset::Dataset;
+use super::dilate::{RADIUS, dilate_labels};
 use super::normalize::{CtStats, Normalizer};
 use super::sampling::{ForegroundLocations, PatchPosition, PatchSearch, random_start, split_patches};
 use crate::config::{Augmentation, Config, DatasetConfig, Normalization, Sampling, TargetConfig};
@@ -46,11 +47,19 @@ pub struct LoaderOptions {
     /// Index of the first training batch served: a run resumed at global step s passes s and
     /// continues with exactly the batches it would have seen. Validation always starts its list.
     pub first_batch: u64,
+    /// tr_setup.dilate_label: label targets (masks and class maps) are grown by a radius-5 ball
+    /// before augmentation ([`super::dilate`]). The seed dilated the patch alone and binarized
+    /// every non-normals target; here the labels up to 5 voxels outside the patch count (the same
+    /// as dilating the whole volume), class maps keep their classes (grey dilation: the highest
+    /// class within the ball wins; a 0/1 map is dilated exactly as the seed did), and regression
+    /// and vector targets are left alone (binarizing a distance map would destroy it).
+    pub dilate_label: bool,
 }
 
 impl LoaderOptions {
     /// The options `config` asks for: tr_config's patch, batch and workers, its augmentation when
-    /// `training` (and enabled), tr_setup's seed and split; two batches per worker prefetched.
+    /// `training` (and enabled), tr_setup's seed, split and
+    /// dilate_label; two batches per worker prefetched.
     pub fn from_config(config: &Config, deep_supervision_strides: Vec<[usize; 3]>, training: bool) -> Self {
         let tr = &config.tr_config;
         let augmentation = (training && tr.augmentation.enabled).then(|| tr.augmentation.clone());
@@ -65,6 +74,7 @@ impl LoaderOptions {
             tr_val_split: config.tr_setup.tr_val_split,
             split_seed: config.tr_setup.seed,
             first_batch: 0,
+            dilate_label: config.tr_setup.dilate_label,
         }
     }
 }
@@ -148,6 +158,8 @@ struct Source {
     normalizers: BTreeMap<usize, Normalizer>,
     augmenter: Option<Augmenter>,
     strides: Vec<[usize; 3]>,
+    /// Per target: whether it is dilated.
+    dilate: Vec<bool>,
 }
 
 /// splitmix64's finaliser: decorrelates nearby seeds and batch indices.
@@ -217,23 +229,25 @@ impl Sampler {
 
 impl Source {
     /// The source box of one sample: input normalised (then padded with 0), targets converted
-    /// (then padded with 0).
+    /// and dilated if asked (then padded with 0).
     fn read(&self, s: Sample) -> Result<Patch> {
         let v = &self.dataset.volumes[s.volume];
         let norm = &self.normalizers[&s.volume];
         let size = self.sampler.source;
-        let input = read_padded(v.input.as_ref(), s.start, size, |x| norm.apply(x))?;
-        let targets = v
-            .targets
-            .iter()
-            .zip(&self.kinds)
-            .zip(&self.values[s.volume])
-            .map(|((t, &kind), &conv)| {
-                let data = read_padded(t.as_ref(), s.start, size, |x| {
+        let input = read_padded(v.input.as_ref(), s.start, size, 0, |x, _| norm.apply(x))?;
+        let targets = (v.targets.iter().zip(&self.kinds))
+            .zip(self.values[s.volume].iter().zip(&self.dilate))
+            .map(|((t, &kind), (&conv, &dilate))| {
+                let c = t.channels();
+                let margin = if dilate { RADIUS } else { 0 };
+                let data = read_padded(t.as_ref(), s.start, size, margin, |x, shape| {
                     conv.apply(x);
+                    if dilate {
+                        dilate_labels(x, shape, c);
+                    }
                     Ok(())
                 })?;
-                Ok(PatchTarget { data, channels: t.channels(), kind })
+                Ok(PatchTarget { data, channels: c, kind })
             })
             .collect::<Result<_>>()?;
         Ok(Patch { size: self.sampler.source, input, in_channels: v.input.channels(), targets })
@@ -260,40 +274,49 @@ impl Source {
     }
 }
 
-/// Reads the `size` box at `start` of `array`, channels-last; the part inside the array goes
-/// through `convert` before the part outside is filled with 0. nnU-Net pads the same way: images
-/// with 0 after its (preprocessing-time) normalisation, segmentations with -1, which its
-/// `RemoveLabelTansform(-1, 0)` turns into 0 after augmentation; padding labels with 0 directly
-/// differs only in that the padded area is not a label of its own during the rotation's label
-/// interpolation.
+/// Reads the `size` box at `start` of `array`, channels-last; the part inside the array, grown
+/// by `margin` voxels on every side (clamped to the array), goes through `convert` (given that
+/// box's shape) before the part outside is filled with 0. The margin gives `convert` the
+/// neighbourhood a patch-border voxel depends on, so a patch equals the whole converted volume
+/// cropped. nnU-Net pads the same way: images with 0 after its (preprocessing-time)
+/// normalisation, segmentations with -1, which its `RemoveLabelTansform(-1, 0)` turns into 0
+/// after augmentation; padding labels with 0 directly differs only in that the padded area is not
+/// a label of its own during the rotation's label interpolation.
 fn read_padded(
     array: &dyn VolumeArray,
     start: [isize; 3],
     size: [usize; 3],
-    convert: impl FnOnce(&mut [f32]) -> Result<()>,
+    margin: usize,
+    convert: impl FnOnce(&mut [f32], [usize; 3]) -> Result<()>,
 ) -> Result<Vec<f32>> {
     let shape = array.shape();
     let c = array.channels();
-    let lo = [0, 1, 2].map(|a| start[a].clamp(0, shape[a] as isize) as usize);
-    let hi = [0, 1, 2].map(|a| (start[a] + size[a] as isize).clamp(0, shape[a] as isize) as usize);
+    let clamp = |a: usize, x: isize| x.clamp(0, shape[a] as isize) as usize;
+    let m = margin as isize;
+    let lo = [0, 1, 2].map(|a| clamp(a, start[a]));
+    let hi = [0, 1, 2].map(|a| clamp(a, start[a] + size[a] as isize));
     let inner = [0, 1, 2].map(|a| hi[a] - lo[a]);
-    if inner == size {
-        let mut v = array.read(lo, size)?;
-        convert(&mut v)?;
-        return Ok(v);
-    }
     let mut out = vec![0.0; size.iter().product::<usize>() * c];
     if inner.contains(&0) {
         return Ok(out);
     }
-    let mut v = array.read(lo, inner)?;
-    convert(&mut v)?;
-    let off = [0, 1, 2].map(|a| (lo[a] as isize - start[a]) as usize);
+    let read_lo = [0, 1, 2].map(|a| clamp(a, start[a] - m));
+    let read_size = [0, 1, 2].map(|a| clamp(a, start[a] + size[a] as isize + m) - read_lo[a]);
+    let mut v = array.read(read_lo, read_size)?;
+    convert(&mut v, read_size)?;
+    if margin == 0 && inner == size {
+        return Ok(v);
+    }
+    // Rows of the part inside the array, from their place in the read box to theirs in the patch.
+    let (from, to) =
+        ([0, 1, 2].map(|a| lo[a] - read_lo[a]), [0, 1, 2].map(|a| (lo[a] as isize - start[a]) as usize));
     let row = inner[2] * c;
-    for (i, src) in v.chunks_exact(row).enumerate() {
-        let (z, y) = (i / inner[1], i % inner[1]);
-        let at = (((z + off[0]) * size[1] + y + off[1]) * size[2] + off[2]) * c;
-        out[at..at + row].copy_from_slice(src);
+    for z in 0..inner[0] {
+        for y in 0..inner[1] {
+            let src = (((z + from[0]) * read_size[1] + y + from[1]) * read_size[2] + from[2]) * c;
+            let dst = (((z + to[0]) * size[1] + y + to[1]) * size[2] + to[2]) * c;
+            out[dst..dst + row].copy_from_slice(&v[src..src + row]);
+        }
     }
     Ok(out)
 }
@@ -524,6 +547,11 @@ impl Loader {
             normalizers,
             augmenter,
             strides: opts.deep_supervision_strides.clone(),
+            dilate: config
+                .targets
+                .iter()
+                .map(|t| opts.dilate_label && TargetKind::of(t) == TargetKind::Labels)
+                .collect(),
         });
         let workers = if pass == Some((0, 0)) { 0 } else { opts.workers };
         let first = if pass.is_some() { 0 } else { opts.first_batch };
@@ -722,12 +750,12 @@ mod tests {
     fn read_padded_fills_outside_with_zero_after_converting() {
         use crate::data::InMemoryArray;
         let a = InMemoryArray::new("a", [1, 2, 2], 1, DType::F32, vec![1., 2., 3., 4.]).unwrap();
-        let v = read_padded(&a, [0, -1, 1], [1, 3, 2], |x| {
+        let v = read_padded(&a, [0, -1, 1], [1, 3, 2], 0, |x, _| {
             x.iter_mut().for_each(|v| *v *= 10.0);
             Ok(())
         })
         .unwrap();
         assert_eq!(v, vec![0., 0., 20., 0., 40., 0.]);
-        assert_eq!(read_padded(&a, [5, 0, 0], [1, 1, 1], |_| Ok(())).unwrap(), vec![0.0]);
+        assert_eq!(read_padded(&a, [5, 0, 0], [1, 1, 1], 0, |_, _| Ok(())).unwrap(), vec![0.0]);
     }
 }

@@ -6,6 +6,7 @@ pub mod augment;
 pub mod batch;
 pub mod convert;
 pub mod dataset;
+pub mod dilate;
 pub mod example;
 pub mod loader;
 pub mod nifti;

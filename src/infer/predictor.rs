@@ -5,6 +5,7 @@ use anyhow::{Result, ensure};
 
 use crate::autograd::ParamStore;
 use crate::config::Activation;
+use crate::data::augment::spatial::flip_in_place;
 use crate::model::Network;
 use crate::tensor::Tensor;
 
@@ -99,21 +100,12 @@ impl<P: TilePredictor> TilePredictor for Mirroring<P> {
 pub fn flip(t: &Tensor, axes: [bool; 3]) -> Result<Tensor> {
     let [n, d, h, w, c] = t.shape().ndhwc()?;
     ensure!(t.numel() == n * d * h * w * c, "flip: tensor {} is not contiguous", t.shape());
-    let src = t.data();
-    let mut out = Vec::with_capacity(src.len());
-    let pick = |i: usize, len: usize, a: usize| if axes[a] { len - 1 - i } else { i };
-    for b in 0..n {
-        for z in 0..d {
-            for y in 0..h {
-                let row = ((b * d + pick(z, d, 0)) * h + pick(y, h, 1)) * w;
-                for x in 0..w {
-                    let at = (row + pick(x, w, 2)) * c;
-                    out.extend_from_slice(&src[at..at + c]);
-                }
-            }
-        }
+    let mut data = t.data().to_vec();
+    let sample = d * h * w * c;
+    if sample > 0 {
+        data.chunks_exact_mut(sample).for_each(|s| flip_in_place(s, [d, h, w], c, axes));
     }
-    Tensor::from_vec(t.dims().to_vec(), out)
+    Tensor::from_vec(t.dims().to_vec(), data)
 }
 
 #[cfg(test)]

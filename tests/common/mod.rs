@@ -1,8 +1,16 @@
-//! Helpers shared by the integration tests: fixture loading and error measures.
+//! Helpers shared by the integration tests: fixture loading, error measures, scratch folders.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
 use unet3d::tensor::{Tensor, io, layout};
+
+/// A fresh, empty folder under the system temp dir for this test process and `name`.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("unet3d-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
 
 /// Path of a file under tests/fixtures.
 pub fn fixture_path(rel: &str) -> PathBuf {

@@ -363,8 +363,8 @@ pub fn spatial_transform(
 }
 
 /// Reverses channels-last (D, H, W, C) `data` along the `axes` marked true, in place and in
-/// parallel (the loader's hot path; infer's `flip` copies a Tensor on one thread).
-fn flip_in_place(data: &mut [f32], [d, h, w]: [usize; 3], channels: usize, axes: [bool; 3]) {
+/// parallel (the loader's mirroring and inference's mirroring TTA).
+pub fn flip_in_place(data: &mut [f32], [d, h, w]: [usize; 3], channels: usize, axes: [bool; 3]) {
     let row = w * channels;
     let slice = h * row;
     if slice == 0 {
