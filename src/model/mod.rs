@@ -3,6 +3,7 @@
 //! training it takes.
 
 pub mod arch;
+pub mod gpu;
 pub mod init;
 pub mod network;
 pub mod params;
