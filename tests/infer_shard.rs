@@ -251,6 +251,20 @@ fn infer_command_runs_from_a_config() {
         ZarrArray::open(&lib.join("predictions.zarr/sheet"), 1, &cache).unwrap().read([0; 3], SHAPE).unwrap();
     assert_eq!(logits, want);
 
+    // The same job with the network on the GPU kernels (the sim device): the same logits to float
+    // tolerance (the kernels sum in another order than the CPU backend).
+    let sim_out = dir.join("out-sim");
+    let mut a = args(&["--device", "sim"]);
+    let at = a.iter().position(|x| x == "--output").unwrap();
+    a[at + 1] = sim_out.display().to_string();
+    Cli::try_parse_from(a).unwrap().run().unwrap();
+    let on_sim = ZarrArray::open(&sim_out.join("predictions.zarr/sheet"), 1, &cache).unwrap();
+    let on_sim = on_sim.read([0; 3], SHAPE).unwrap();
+    let record = std::fs::read_to_string(sim_out.join(".progress/run.json")).unwrap();
+    assert!(record.contains(r#""device":"sim""#) || record.contains(r#""device": "sim""#), "{record}");
+    let err = common::rel_err(&on_sim, &logits);
+    assert!(err < 1e-5, "sim vs cpu logits: relative error {err:.2e}");
+
     // A wrong flag names itself.
     let err =
         format!("{:#}", Cli::try_parse_from(args(&["--activation", "sheet"])).unwrap().run().unwrap_err());

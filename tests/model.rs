@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{assert_close, fixture, fixture_meta, rel_err, to_cl};
+use common::{assert_close, fixture, fixture_arch, fixture_meta, fixture_state_dict, rel_err, to_cl};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
@@ -16,53 +16,12 @@ use unet3d::model::network::{self, Network};
 use unet3d::model::weights;
 use unet3d::model::{ArchConfig, Architecture, Block, Nonlin, Norm, SePool, Target};
 use unet3d::nn::{LayerSettings, ResidualBlock, SqueezeExcite};
-use unet3d::tensor::{Tensor, io};
+use unet3d::tensor::Tensor;
 use unet3d::{Graph, ParamStore};
 
 const FIXTURE: &str = "model/resenc_unet_small.safetensors";
 /// A whole network in float32 against float64 PyTorch (tests/fixtures/README.md).
 const NET_TOL: f64 = 1e-4;
-
-fn axes(v: &serde_json::Value) -> Vec<[usize; 3]> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|a| {
-            let a: Vec<usize> = a.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
-            [a[0], a[1], a[2]]
-        })
-        .collect()
-}
-
-fn counts(v: &serde_json::Value) -> Vec<usize> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect()
-}
-
-/// The fixture's network, from its meta config.
-fn fixture_arch(meta: &serde_json::Value) -> Architecture {
-    let c = &meta["config"];
-    let input = counts(&meta["input_shape"]);
-    Architecture {
-        in_channels: input[1],
-        features_per_stage: counts(&c["features_per_stage"]),
-        strides: axes(&c["strides"]),
-        kernel_sizes: axes(&c["kernel_sizes"]),
-        n_blocks_per_stage: counts(&c["n_blocks_per_stage"]),
-        n_conv_per_stage_decoder: counts(&c["n_conv_per_stage_decoder"]),
-        block: Block::BasicBlockD,
-        squeeze_excitation: None,
-        conv_bias: c["conv_bias"].as_bool().unwrap(),
-        norm: Norm::default(),
-        nonlin: Nonlin::default(),
-        deep_supervision: meta["deep_supervision"].as_bool().unwrap(),
-        targets: vec![Target::new("seg", meta["num_classes"].as_u64().unwrap() as usize)],
-    }
-}
-
-/// The fixture's `param.*` tensors as a PyTorch state dict (aliases included).
-fn fixture_state_dict(f: &io::TensorFile) -> BTreeMap<String, Tensor> {
-    f.tensors.iter().filter_map(|(k, t)| Some((k.strip_prefix("param.")?.to_string(), t.clone()))).collect()
-}
 
 /// A small multi-stage architecture for the tests that build their own networks.
 fn small_arch(block: Block, se: Option<SePool>, targets: Vec<Target>) -> Architecture {

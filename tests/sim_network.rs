@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use common::{assert_close, fixture, fixture_meta, to_cl};
+use common::{assert_close, fixture, fixture_arch, fixture_meta, fixture_state_dict, to_cl};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
@@ -193,40 +193,13 @@ fn bias_free_non_affine_relu_blocks_match_the_cpu_tape() {
     parity(block, None, false, Nonlin::default(), 4);
 }
 
-/// tests/model.rs's `fixture_arch`: the fixture's network from its meta config.
-fn fixture_arch(meta: &serde_json::Value) -> Architecture {
-    let list = |v: &serde_json::Value| -> Vec<usize> {
-        v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect()
-    };
-    let axes = |v: &serde_json::Value| -> Vec<[usize; 3]> {
-        v.as_array().unwrap().iter().map(|a| list(a).try_into().unwrap()).collect()
-    };
-    let c = &meta["config"];
-    Architecture {
-        in_channels: list(&meta["input_shape"])[1],
-        features_per_stage: list(&c["features_per_stage"]),
-        strides: axes(&c["strides"]),
-        kernel_sizes: axes(&c["kernel_sizes"]),
-        n_blocks_per_stage: list(&c["n_blocks_per_stage"]),
-        n_conv_per_stage_decoder: list(&c["n_conv_per_stage_decoder"]),
-        block: Block::BasicBlockD,
-        squeeze_excitation: None,
-        conv_bias: c["conv_bias"].as_bool().unwrap(),
-        norm: Norm::default(),
-        nonlin: Nonlin::default(),
-        deep_supervision: meta["deep_supervision"].as_bool().unwrap(),
-        targets: vec![Target::new("seg", meta["num_classes"].as_u64().unwrap() as usize)],
-    }
-}
-
 /// The acceptance case itself: the PyTorch fixture's outputs, loss and gradients on the device.
 #[test]
 fn fixture_forward_loss_and_gradients_match_pytorch() {
     let f = fixture("model/resenc_unet_small.safetensors");
     let meta = fixture_meta(&f);
     let arch = fixture_arch(&meta);
-    let dict = f.tensors.iter().filter_map(|(k, t)| Some((k.strip_prefix("param.")?.to_string(), t.clone())));
-    let store = weights::from_state_dict(&arch, &dict.collect()).unwrap();
+    let store = weights::from_state_dict(&arch, &fixture_state_dict(&f)).unwrap();
     let x = to_cl(f.get("input").unwrap());
     let labels: Vec<Tensor> = (0..3).map(|i| to_cl(f.get(&format!("label.{i}")).unwrap())).collect();
     let ds: Vec<f64> = meta["ds_weights"].as_array().unwrap().iter().map(|w| w.as_f64().unwrap()).collect();

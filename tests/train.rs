@@ -245,8 +245,13 @@ fn a_mismatched_checkpoint_is_refused_before_training() {
 fn refuses_what_it_cannot_run() {
     let dir = scratch_dir("refuse");
     let y = yaml(&dir, "max_epoch: 1");
-    let e = format!("{:#}", trainer(&y, &["tr_setup.device=cuda:0"]).err().unwrap());
-    assert!(e.contains("GPU training is not wired up yet") && e.contains("--device cpu"), "{e}");
+    for device in ["cuda:0", "sim"] {
+        let e = format!("{:#}", trainer(&y, &[&format!("tr_setup.device={device}")]).err().unwrap());
+        assert!(
+            e.contains(device) && e.contains("does not drive a GPU") && e.contains("--device cpu"),
+            "{e}"
+        );
+    }
     let e = format!("{:#}", trainer(&y, &["tr_setup.vram_max=1MB"]).err().unwrap());
     assert!(e.contains("refusing to train") && e.contains("vram_max"), "{e}");
 }

@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::json;
 
-use crate::config::{Config, ConfigArgs};
+use crate::config::{Config, ConfigArgs, InferenceConfig};
 use crate::data::normalize::{Normalizer, VolumeStats};
 use crate::data::zarr::{ChunkCache, ZarrArray};
 use crate::data::{TargetKind, VolumeArray};
@@ -15,6 +15,7 @@ use crate::device::Device;
 use crate::infer::{
     Job, Mirroring, NetworkPredictor, OutputTarget, RunOptions, Shard, SlidingWindow, TilePredictor, run,
 };
+use crate::model::gpu::{GpuNetwork, GpuNetworkPredictor};
 use crate::model::{Network, init};
 use crate::train::checkpoint;
 
@@ -81,7 +82,7 @@ struct JobFlags {
     /// Replace an existing output instead of refusing (or resuming) it; single jobs only.
     #[arg(long)]
     overwrite: bool,
-    /// Default: tr_setup.device.
+    /// cpu, cuda:N, or sim (the CUDA kernels on the CPU: slow, for checking). Default: tr_setup.device.
     #[arg(long)]
     device: Option<Device>,
     /// Stop after this many blocks (to end within a job's time limit); a rerun continues.
@@ -153,12 +154,6 @@ impl InferArgs {
         }
         let config = parsed.config;
         let device = flags.device.unwrap_or(config.tr_setup.device);
-        if let Device::Cuda(i) = device {
-            bail!(
-                "device cuda:{i}: GPU inference is not wired up yet (the CUDA kernels are still being \
-                 written); run on the CPU with --device cpu"
-            );
-        }
         let ic = &config.inference_config;
         let Some(input_path) = &ic.input_path else {
             bail!("inference_config.input_path is not set (or pass --input)");
@@ -174,7 +169,6 @@ impl InferArgs {
             }
             (None, None) => bail!("inference_config.checkpoint_path is not set (or pass --checkpoint)"),
         };
-        let network = Network::new(&arch, &store)?;
         let dc = &config.dataset_config;
         let targets: Vec<OutputTarget> = ic
             .output_targets
@@ -191,9 +185,14 @@ impl InferArgs {
             })
             .collect();
         let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
-        let network = NetworkPredictor::new(network, store, &names)?;
-        let predictor: Box<dyn TilePredictor> =
-            if ic.mirroring { Box::new(Mirroring(network)) } else { Box::new(network) };
+        let predictor = match device.gpu()? {
+            None => with_mirroring(NetworkPredictor::new(Network::new(&arch, &store)?, store, &names)?, ic),
+            Some(gpu) => {
+                let network =
+                    GpuNetwork::new(&gpu, &arch, &store).with_context(|| format!("device {device}"))?;
+                with_mirroring(GpuNetworkPredictor::new(network, &names)?, ic)
+            }
+        };
 
         let cache = ChunkCache::new(flags.cache_mb << 20);
         let input = ZarrArray::open(Path::new(input_path), dc.in_channels, &cache)
@@ -236,6 +235,8 @@ impl InferArgs {
             "normalization": format!("{schemes:?}"),
             "volume_stats": stats,
             "mirroring": ic.mirroring,
+            // Devices sum in different orders: the jobs of one output share one, so it is byte-consistent.
+            "device": device.to_string(),
         });
         let opts = RunOptions {
             output_path: ic.output_path.clone(),
@@ -262,4 +263,9 @@ impl InferArgs {
         println!("output: {}", ic.output_path.join("predictions.zarr").display());
         Ok(())
     }
+}
+
+/// The predictor, wrapped in nnU-Net's mirroring when `inference_config.mirroring` asks for it.
+fn with_mirroring<P: TilePredictor + 'static>(p: P, ic: &InferenceConfig) -> Box<dyn TilePredictor> {
+    if ic.mirroring { Box::new(Mirroring(p)) } else { Box::new(p) }
 }

@@ -15,8 +15,8 @@ use crate::train::trainer::{ConfigSource, RunSummary, Trainer};
 pub struct TrainArgs {
     #[command(flatten)]
     config: ConfigArgs,
-    /// The device to train on instead of tr_setup.device: cpu, or cuda:N once GPU training is
-    /// wired up.
+    /// The device to train on instead of tr_setup.device (today only cpu trains; cuda:N and sim
+    /// are refused until the loop drives the GPU network).
     #[arg(long)]
     device: Option<Device>,
     /// Replace the checkpoints of an earlier run of the same tr_setup.model_name instead of

@@ -143,7 +143,7 @@ const TR_CONFIG_IGNORED: &[(&str, &str)] = &[
 pub(crate) fn read_tr_setup(mut s: Section<'_>) -> Result<(TrSetup, bool)> {
     let path = |n: &Node| string(n).map(PathBuf::from).map_err(|_| "a path (string)".to_string());
     let device = |n: &Node| {
-        let allowed = || "\"cpu\", \"cuda\" or \"cuda:N\"".to_string();
+        let allowed = || "\"cpu\", \"cuda\", \"cuda:N\" or \"sim\"".to_string();
         string(n).map_err(|_| allowed())?.parse::<Device>().map_err(|_| allowed())
     };
     let vram_max = s.get("vram_max", 16_000_000_000, &vram_bytes)?;

@@ -15,8 +15,22 @@ pub enum Device {
     /// The multi-threaded Rust backend: the embedded default and the reference for every kernel.
     #[default]
     Cpu,
-    /// A CUDA device by ordinal. Parsed and named here; its backend lands with the CUDA work.
+    /// A CUDA device by ordinal.
     Cuda(usize),
+    /// The CUDA kernels run on the CPU by the fiber harness: slow, for checking the GPU path on
+    /// machines without one.
+    Sim,
+}
+
+impl Device {
+    /// The kernel device behind a GPU device; None for the CPU backend.
+    pub fn gpu(self) -> anyhow::Result<Option<launch::Gpu>> {
+        match self {
+            Device::Cpu => Ok(None),
+            Device::Cuda(i) => launch::Gpu::cuda(i).map(Some),
+            Device::Sim => Ok(Some(launch::Gpu::sim())),
+        }
+    }
 }
 
 impl fmt::Display for Device {
@@ -24,6 +38,7 @@ impl fmt::Display for Device {
         match self {
             Device::Cpu => write!(f, "cpu"),
             Device::Cuda(i) => write!(f, "cuda:{i}"),
+            Device::Sim => write!(f, "sim"),
         }
     }
 }
@@ -35,9 +50,10 @@ impl FromStr for Device {
         match s {
             "cpu" => Ok(Device::Cpu),
             "cuda" => Ok(Device::Cuda(0)),
+            "sim" => Ok(Device::Sim),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(i)) => Ok(Device::Cuda(i)),
-                _ => anyhow::bail!("unknown device '{s}': expected 'cpu', 'cuda' or 'cuda:N'"),
+                _ => anyhow::bail!("unknown device '{s}': expected 'cpu', 'cuda', 'cuda:N' or 'sim'"),
             },
         }
     }
@@ -53,6 +69,8 @@ mod tests {
         assert_eq!("cuda:3".parse::<Device>().unwrap(), Device::Cuda(3));
         assert_eq!("cuda".parse::<Device>().unwrap(), Device::Cuda(0));
         assert_eq!(Device::Cuda(1).to_string(), "cuda:1");
+        assert_eq!("sim".parse::<Device>().unwrap(), Device::Sim);
+        assert_eq!(Device::Sim.to_string(), "sim");
         let err = "gpu0".parse::<Device>().unwrap_err().to_string();
         assert!(err.contains("gpu0"), "{err}");
         assert!("cuda:x".parse::<Device>().is_err());

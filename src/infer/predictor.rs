@@ -6,7 +6,7 @@ use anyhow::{Result, ensure};
 use crate::autograd::ParamStore;
 use crate::config::Activation;
 use crate::data::augment::spatial::flip_in_place;
-use crate::model::Network;
+use crate::model::{Architecture, Network};
 use crate::tensor::Tensor;
 
 /// A model over batches of windows: (N, D, H, W, C_in) in, one (N, D, H, W, C_t) tensor of
@@ -27,18 +27,24 @@ pub struct NetworkPredictor {
 impl NetworkPredictor {
     /// `outputs` names the written targets; each must be one of the network's.
     pub fn new(network: Network, store: ParamStore, outputs: &[String]) -> Result<NetworkPredictor> {
-        let targets = &network.architecture().targets;
-        let outputs = outputs
-            .iter()
-            .map(|name| {
-                targets.iter().position(|t| &t.name == name).ok_or_else(|| {
-                    let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
-                    anyhow::anyhow!("output target '{name}' is not a target of the network ({names:?})")
-                })
-            })
-            .collect::<Result<_>>()?;
+        let outputs = output_indices(network.architecture(), outputs)?;
         Ok(NetworkPredictor { network, store, outputs })
     }
+}
+
+/// The positions in `arch.targets` of the targets a run writes, in output order; a name that is
+/// not a target of the network is an error listing the ones it has.
+pub fn output_indices(arch: &Architecture, outputs: &[String]) -> Result<Vec<usize>> {
+    let targets = &arch.targets;
+    outputs
+        .iter()
+        .map(|name| {
+            targets.iter().position(|t| &t.name == name).ok_or_else(|| {
+                let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+                anyhow::anyhow!("output target '{name}' is not a target of the network ({names:?})")
+            })
+        })
+        .collect()
 }
 
 impl TilePredictor for NetworkPredictor {

@@ -96,10 +96,12 @@ impl Trainer {
     /// checkpoint that does not fit the network is an error here, before any training.
     pub fn new(config: Config, source: ConfigSource) -> Result<Trainer> {
         let setup = &config.tr_setup;
-        if let Device::Cuda(i) = setup.device {
+        if setup.device != Device::Cpu {
             bail!(
-                "tr_setup.device is cuda:{i}, but GPU training is not wired up yet: the CUDA kernels \
-                 are still being written. Train on the CPU with --device cpu (or --set tr_setup.device=cpu)"
+                "tr_setup.device is {}, but the training loop does not drive a GPU device yet (the \
+                 network runs there, model::gpu, and `unet3d infer` uses it); train on the CPU with \
+                 --device cpu (or --set tr_setup.device=cpu)",
+                setup.device
             );
         }
         let plan = PlanReport::new(&config)?;

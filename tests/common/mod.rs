@@ -1,7 +1,9 @@
 //! Helpers shared by the integration tests: fixture loading, error measures, scratch folders.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+use unet3d::model::{Architecture, Block, Nonlin, Norm, Target};
 use unet3d::tensor::{Tensor, io, layout};
 
 /// A fresh, empty folder under the system temp dir for this test process and `name`.
@@ -69,4 +71,47 @@ pub fn numeric_grad(x: &[f64], h: f64, mut f: impl FnMut(&[f64]) -> f64) -> Vec<
             (fp - fm) / (2.0 * h)
         })
         .collect()
+}
+
+/// A JSON list of [z, y, x] triples.
+pub fn axes(v: &serde_json::Value) -> Vec<[usize; 3]> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let a: Vec<usize> = a.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+            [a[0], a[1], a[2]]
+        })
+        .collect()
+}
+
+/// A JSON list of whole numbers.
+pub fn counts(v: &serde_json::Value) -> Vec<usize> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect()
+}
+
+/// The model fixture's network (tests/fixtures/model), from its meta config.
+pub fn fixture_arch(meta: &serde_json::Value) -> Architecture {
+    let c = &meta["config"];
+    let input = counts(&meta["input_shape"]);
+    Architecture {
+        in_channels: input[1],
+        features_per_stage: counts(&c["features_per_stage"]),
+        strides: axes(&c["strides"]),
+        kernel_sizes: axes(&c["kernel_sizes"]),
+        n_blocks_per_stage: counts(&c["n_blocks_per_stage"]),
+        n_conv_per_stage_decoder: counts(&c["n_conv_per_stage_decoder"]),
+        block: Block::BasicBlockD,
+        squeeze_excitation: None,
+        conv_bias: c["conv_bias"].as_bool().unwrap(),
+        norm: Norm::default(),
+        nonlin: Nonlin::default(),
+        deep_supervision: meta["deep_supervision"].as_bool().unwrap(),
+        targets: vec![Target::new("seg", meta["num_classes"].as_u64().unwrap() as usize)],
+    }
+}
+
+/// The model fixture's `param.*` tensors as a PyTorch state dict (aliases included).
+pub fn fixture_state_dict(f: &io::TensorFile) -> BTreeMap<String, Tensor> {
+    f.tensors.iter().filter_map(|(k, t)| Some((k.strip_prefix("param.")?.to_string(), t.clone()))).collect()
 }

@@ -4,7 +4,7 @@ use anyhow::Result;
 
 use super::GpuNetwork;
 use crate::config::Activation;
-use crate::infer::predictor::TilePredictor;
+use crate::infer::predictor::{TilePredictor, output_indices};
 use crate::tensor::Tensor;
 
 /// The full-resolution logits of the targets a run writes, computed on the network's device.
@@ -17,16 +17,7 @@ pub struct GpuNetworkPredictor {
 impl GpuNetworkPredictor {
     /// `outputs` names the written targets; each must be one of the network's.
     pub fn new(network: GpuNetwork, outputs: &[String]) -> Result<Self> {
-        let targets = &network.architecture().targets;
-        let outputs = outputs
-            .iter()
-            .map(|name| {
-                targets.iter().position(|t| &t.name == name).ok_or_else(|| {
-                    let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
-                    anyhow::anyhow!("output target '{name}' is not a target of the network ({names:?})")
-                })
-            })
-            .collect::<Result<_>>()?;
+        let outputs = output_indices(network.architecture(), outputs)?;
         Ok(GpuNetworkPredictor { network, outputs })
     }
 }
