@@ -59,11 +59,7 @@ impl BenchArgs {
             Kernel::Kernels { device, quick } => {
                 let gpu = Gpu::open(&device)?;
                 let quick = quick || gpu.is_sim();
-                let mut rows = kernel_bench::run(&gpu, &KernelBenchOptions { quick })?;
-                rows.extend(kernel_bench::run_fused(&gpu, &KernelBenchOptions { quick })?);
-                print!("{}", kernel_bench::format_table(&gpu, &rows));
-                let conv_rows = kernel_bench::run_conv(&gpu, &KernelBenchOptions { quick })?;
-                print!("\n{}", kernel_bench::format_conv_table(&gpu, &conv_rows));
+                print!("{}", kernel_bench::report(&gpu, &KernelBenchOptions { quick })?);
                 Ok(())
             }
             Kernel::Step { patch, batch, reps } => {

@@ -313,3 +313,12 @@ pub fn format_conv_table(gpu: &Gpu, rows: &[ConvBenchRow]) -> String {
     }
     s
 }
+
+/// Every kernel table on `gpu`: the elementwise / reduction / optimizer and fused norm, SE and loss
+/// rows, then the convolution layers. What `unet3d bench kernels` and `cargo bench --bench kernels` print.
+pub fn report(gpu: &Gpu, opts: &KernelBenchOptions) -> Result<String> {
+    let mut rows = run(gpu, opts)?;
+    rows.extend(run_fused(gpu, opts)?);
+    let conv = run_conv(gpu, opts)?;
+    Ok(format!("{}\n{}", format_table(gpu, &rows), format_conv_table(gpu, &conv)))
+}
