@@ -14,7 +14,7 @@ use unet3d::loss::{self, DiceCe, LabelResample, Loss, Pointwise, Reduction};
 use unet3d::model::init::{self, he_std, torch_fan_in};
 use unet3d::model::network::{self, Network};
 use unet3d::model::weights;
-use unet3d::model::{ArchConfig, Architecture, Block, Nonlin, Norm, SePool, Target};
+use unet3d::model::{ArchConfig, Architecture, Block, Nonlin, SePool, Target};
 use unet3d::nn::{LayerSettings, ResidualBlock, SqueezeExcite};
 use unet3d::tensor::Tensor;
 use unet3d::{Graph, ParamStore};
@@ -23,23 +23,9 @@ const FIXTURE: &str = "model/resenc_unet_small.safetensors";
 /// A whole network in float32 against float64 PyTorch (tests/fixtures/README.md).
 const NET_TOL: f64 = 1e-4;
 
-/// A small multi-stage architecture for the tests that build their own networks.
+/// [`common::small_arch`] at the widths these tests use.
 fn small_arch(block: Block, se: Option<SePool>, targets: Vec<Target>) -> Architecture {
-    Architecture {
-        in_channels: 2,
-        features_per_stage: vec![8, 16, 24],
-        strides: vec![[1, 1, 1], [1, 2, 2], [2, 2, 2]],
-        kernel_sizes: vec![[1, 3, 3], [3, 3, 3], [3, 3, 3]],
-        n_blocks_per_stage: vec![1, 2, 1],
-        n_conv_per_stage_decoder: vec![1, 2],
-        block,
-        squeeze_excitation: se,
-        conv_bias: true,
-        norm: Norm::default(),
-        nonlin: Nonlin::default(),
-        deep_supervision: true,
-        targets,
-    }
+    common::small_arch([8, 16, 24], block, se, targets)
 }
 
 fn random(rng: &mut StdRng, dims: &[usize]) -> Tensor {

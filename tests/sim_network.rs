@@ -28,20 +28,12 @@ use unet3d::{Graph, ParamStore};
 const TOL: f64 = 1e-4;
 
 fn arch(block: Block, se: Option<SePool>, bias_and_affine: bool, nonlin: Nonlin) -> Architecture {
+    let targets = vec![Target::new("seg", 3), Target::new("dist", 1)];
     Architecture {
-        in_channels: 2,
-        features_per_stage: vec![4, 8, 12],
-        strides: vec![[1, 1, 1], [1, 2, 2], [2, 2, 2]],
-        kernel_sizes: vec![[1, 3, 3], [3, 3, 3], [3, 3, 3]],
-        n_blocks_per_stage: vec![1, 2, 1],
-        n_conv_per_stage_decoder: vec![1, 2],
-        block,
-        squeeze_excitation: se,
         conv_bias: bias_and_affine,
         norm: Norm { eps: 1e-5, affine: bias_and_affine },
         nonlin,
-        deep_supervision: true,
-        targets: vec![Target::new("seg", 3), Target::new("dist", 1)],
+        ..common::small_arch([4, 8, 12], block, se, targets)
     }
 }
 

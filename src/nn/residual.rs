@@ -89,9 +89,10 @@ pub struct ResidualBlock {
 }
 
 impl ResidualBlock {
-    /// Binds block `b` under `prefix` (`encoder.stages.<s>.blocks.<i>`); a block with a
-    /// bottleneck width is a BottleneckD, otherwise a BasicBlockD.
-    pub fn bind(store: &ParamStore, prefix: &str, b: &EncoderBlock, s: &LayerSettings) -> Result<Self> {
+    /// The branch of block `b` under `prefix`: each conv's parameter name, spec and activation
+    /// (none on the last). One decision for the CPU layers and `model::gpu`, so both bind the
+    /// same parameters.
+    pub fn branch_convs(prefix: &str, b: &EncoderBlock, s: &LayerSettings) -> Vec<(String, ConvSpec, Act)> {
         let (cin, cout, bias) = (b.in_channels, b.out_channels, s.conv_bias);
         let conv = |cin, cout, kernel, stride| ConvSpec { cin, cout, kernel, stride, bias };
         let specs = match b.bottleneck_channels {
@@ -103,13 +104,22 @@ impl ResidualBlock {
             ],
         };
         let last = specs.len() - 1;
-        let branch = specs
+        specs
             .into_iter()
             .enumerate()
             .map(|(i, spec)| {
-                let act = if i == last { Act::None } else { s.act };
-                ConvNormAct::bind(store, &format!("{prefix}.conv{}", i + 1), spec, s, act)
+                (format!("{prefix}.conv{}", i + 1), spec, if i == last { Act::None } else { s.act })
             })
+            .collect()
+    }
+
+    /// Binds block `b` under `prefix` (`encoder.stages.<s>.blocks.<i>`); a block with a
+    /// bottleneck width is a BottleneckD, otherwise a BasicBlockD.
+    pub fn bind(store: &ParamStore, prefix: &str, b: &EncoderBlock, s: &LayerSettings) -> Result<Self> {
+        let cout = b.out_channels;
+        let branch = Self::branch_convs(prefix, b, s)
+            .into_iter()
+            .map(|(name, spec, act)| ConvNormAct::bind(store, &name, spec, s, act))
             .collect::<Result<Vec<_>>>()?;
         let se = s
             .squeeze_excitation

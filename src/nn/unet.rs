@@ -5,7 +5,7 @@ use super::LayerSettings;
 use super::conv::{Conv, ConvNormAct, ConvSpec, TransposedConv};
 use super::residual::{ResidualBlock, ResidualStage};
 use crate::autograd::{Graph, ParamStore, Var};
-use crate::model::Architecture;
+use crate::model::{Architecture, DecoderStage};
 use crate::ops::elementwise;
 use anyhow::{Result, ensure};
 
@@ -18,15 +18,22 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    pub fn bind(store: &ParamStore, arch: &Architecture, s: &LayerSettings) -> Result<Self> {
-        let stem = ConvSpec {
+    /// The stem conv's parameter name and spec; shared with `model::gpu` so both bind the same
+    /// parameter.
+    pub fn stem(arch: &Architecture, s: &LayerSettings) -> (&'static str, ConvSpec) {
+        let spec = ConvSpec {
             cin: arch.in_channels,
             cout: arch.features_per_stage[0],
             kernel: arch.kernel_sizes[0],
             stride: [1; 3],
             bias: s.conv_bias,
         };
-        let stem = ConvNormAct::bind(store, "encoder.stem.convs.0", stem, s, s.act)?;
+        ("encoder.stem.convs.0", spec)
+    }
+
+    pub fn bind(store: &ParamStore, arch: &Architecture, s: &LayerSettings) -> Result<Self> {
+        let (name, stem) = Self::stem(arch, s);
+        let stem = ConvNormAct::bind(store, name, stem, s, s.act)?;
         let mut stages: Vec<Vec<ResidualBlock>> = vec![Vec::new(); arch.n_stages()];
         for b in arch.encoder_blocks() {
             let prefix = format!("encoder.stages.{}.blocks.{}", b.stage, b.index);
@@ -65,6 +72,23 @@ pub struct Decoder {
 }
 
 impl Decoder {
+    /// The convs of decoder stage `st` under `prefix`: parameter name and spec, the first taking
+    /// the upsampled features concatenated with the skip. Shared with `model::gpu`.
+    pub fn stage_convs(prefix: &str, st: &DecoderStage, s: &LayerSettings) -> Vec<(String, ConvSpec)> {
+        (0..st.n_convs)
+            .map(|j| {
+                let spec = ConvSpec {
+                    cin: if j == 0 { 2 * st.channels } else { st.channels },
+                    cout: st.channels,
+                    kernel: st.kernel,
+                    stride: [1; 3],
+                    bias: s.conv_bias,
+                };
+                (format!("{prefix}.stages.{}.convs.{j}", st.index), spec)
+            })
+            .collect()
+    }
+
     /// The decoder of `arch.targets[target]`.
     pub fn bind(store: &ParamStore, arch: &Architecture, target: usize, s: &LayerSettings) -> Result<Self> {
         let prefix = arch.decoder_prefix(target);
@@ -80,18 +104,9 @@ impl Decoder {
                     st.upsample,
                     s.conv_bias,
                 )?;
-                let convs = (0..st.n_convs)
-                    .map(|j| {
-                        let cin = if j == 0 { 2 * st.channels } else { st.channels };
-                        let spec = ConvSpec {
-                            cin,
-                            cout: st.channels,
-                            kernel: st.kernel,
-                            stride: [1; 3],
-                            bias: s.conv_bias,
-                        };
-                        ConvNormAct::bind(store, &format!("{prefix}.stages.{i}.convs.{j}"), spec, s, s.act)
-                    })
+                let convs = Decoder::stage_convs(&prefix, &st, s)
+                    .into_iter()
+                    .map(|(name, spec)| ConvNormAct::bind(store, &name, spec, s, s.act))
                     .collect::<Result<Vec<_>>>()?;
                 let head = ConvSpec::pointwise(st.channels, classes, true);
                 let head = Conv::bind(store, &format!("{prefix}.seg_layers.{i}"), head)?;

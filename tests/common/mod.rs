@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use unet3d::model::{Architecture, Block, Nonlin, Norm, Target};
+use unet3d::model::{Architecture, Block, Nonlin, Norm, SePool, Target};
 use unet3d::tensor::{Tensor, io, layout};
 
 /// A fresh, empty folder under the system temp dir for this test process and `name`.
@@ -114,4 +114,29 @@ pub fn fixture_arch(meta: &serde_json::Value) -> Architecture {
 /// The model fixture's `param.*` tensors as a PyTorch state dict (aliases included).
 pub fn fixture_state_dict(f: &io::TensorFile) -> BTreeMap<String, Tensor> {
     f.tensors.iter().filter_map(|(k, t)| Some((k.strip_prefix("param.")?.to_string(), t.clone()))).collect()
+}
+
+/// A small three-stage architecture (a 1x3x3 first stage, two blocks in the middle one, deep
+/// supervision) of widths `features`, for the tests that build their own networks.
+pub fn small_arch(
+    features: [usize; 3],
+    block: Block,
+    se: Option<SePool>,
+    targets: Vec<Target>,
+) -> Architecture {
+    Architecture {
+        in_channels: 2,
+        features_per_stage: features.to_vec(),
+        strides: vec![[1, 1, 1], [1, 2, 2], [2, 2, 2]],
+        kernel_sizes: vec![[1, 3, 3], [3, 3, 3], [3, 3, 3]],
+        n_blocks_per_stage: vec![1, 2, 1],
+        n_conv_per_stage_decoder: vec![1, 2],
+        block,
+        squeeze_excitation: se,
+        conv_bias: true,
+        norm: Norm::default(),
+        nonlin: Nonlin::default(),
+        deep_supervision: true,
+        targets,
+    }
 }

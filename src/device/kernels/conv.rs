@@ -326,6 +326,35 @@ fn launch_weight(
     Ok(gw)
 }
 
+/// A fresh output of `dims` that `launch` of `pr` fills: every public conv but the
+/// backward-weights.
+fn launch_into(
+    gpu: &Gpu,
+    pr: Problem,
+    p: ConvPrecision,
+    launch: fn(&Pass, Operands, &mut GpuBuffer<f32>) -> Result<()>,
+    ops: Operands,
+    dims: [usize; 5],
+) -> Result<GpuTensor> {
+    let mut y = GpuTensor::output(gpu, dims)?;
+    launch(&Pass { gpu, pr: &pr, plan: Plan::auto(p) }, ops, &mut y.buf)?;
+    Ok(y)
+}
+
+/// The weight gradient of `pr` (`launch_weight` of its output-side and input-side buffers,
+/// shaped `w_dims`) and, when `with_bias`, the bias gradient of the layer's output gradient `gy`.
+fn weight_grads(
+    pr: Problem,
+    p: ConvPrecision,
+    [rows, cols]: [&GpuBuffer<f32>; 2],
+    w_dims: [usize; 5],
+    gy: &GpuTensor,
+    with_bias: bool,
+) -> Result<(GpuTensor, Option<GpuTensor>)> {
+    let gw = launch_weight(&Pass { gpu: &gy.gpu, pr: &pr, plan: Plan::auto(p) }, rows, cols, w_dims)?;
+    Ok((gw, with_bias.then(|| bias_grad(gy)).transpose()?))
+}
+
 /// The per-channel sum of `gy` over every voxel (the bias gradient), deterministic.
 fn bias_grad(gy: &GpuTensor) -> Result<GpuTensor> {
     let c = gy.shape.last();
@@ -392,10 +421,8 @@ pub fn conv3d_forward(
     let d = conv_dims(op, x, w, stride)?;
     check_bias(op, bias, x, d.cout)?;
     let [od, oh, ow] = d.output();
-    let mut y = GpuTensor::output(&x.gpu, [d.n, od, oh, ow, d.cout])?;
-    let pass = Pass { gpu: &x.gpu, pr: &Problem::conv(&d), plan: Plan::auto(p) };
-    launch_forward(&pass, Operands { src: &x.buf, w: &w.buf, bias: bias.map(|b| &b.buf) }, &mut y.buf)?;
-    Ok(y)
+    let ops = Operands { src: &x.buf, w: &w.buf, bias: bias.map(|b| &b.buf) };
+    launch_into(&x.gpu, Problem::conv(&d), p, launch_forward, ops, [d.n, od, oh, ow, d.cout])
 }
 
 /// The input gradient of [`conv3d_forward`] for an input of spatial size `input`.
@@ -412,10 +439,8 @@ pub fn conv3d_backward_data(
     let d = ConvDims { n: gd[0], input, cin: wd[4], cout: wd[0], kernel: [wd[1], wd[2], wd[3]], stride };
     d.validate().with_context(|| format!("{op} to input size {input:?} with weight {}", w.shape))?;
     check_output(op, gy, d.n, d.output(), d.cout)?;
-    let mut gx = GpuTensor::output(&gy.gpu, [d.n, input[0], input[1], input[2], d.cin])?;
-    let pass = Pass { gpu: &gy.gpu, pr: &Problem::conv(&d), plan: Plan::auto(p) };
-    launch_data(&pass, Operands { src: &gy.buf, w: &w.buf, bias: None }, &mut gx.buf)?;
-    Ok(gx)
+    let ops = Operands { src: &gy.buf, w: &w.buf, bias: None };
+    launch_into(&gy.gpu, Problem::conv(&d), p, launch_data, ops, [d.n, input[0], input[1], input[2], d.cin])
 }
 
 /// The weight gradient (K, T, R, S, C) of [`conv3d_forward`] with kernel size `kernel`, and the
@@ -435,9 +460,7 @@ pub fn conv3d_backward_weight(
     d.validate().with_context(|| format!("{op} of input {} with kernel {kernel:?}", x.shape))?;
     check_output(op, gy, d.n, d.output(), d.cout)?;
     let w_dims = [d.cout, kernel[0], kernel[1], kernel[2], d.cin];
-    let pass = Pass { gpu: &x.gpu, pr: &Problem::conv(&d), plan: Plan::auto(p) };
-    let gw = launch_weight(&pass, &gy.buf, &x.buf, w_dims)?;
-    Ok((gw, with_bias.then(|| bias_grad(gy)).transpose()?))
+    weight_grads(Problem::conv(&d), p, [&gy.buf, &x.buf], w_dims, gy, with_bias)
 }
 
 /// The kernel of a transposed-conv weight (C_in, T, R, S, C_out), which must equal `stride`.
@@ -480,10 +503,8 @@ pub fn conv_transpose3d_forward(
     let d = transposed_dims(op, x, w, stride)?;
     check_bias(op, bias, x, d.cout)?;
     let [od, oh, ow] = d.output();
-    let mut y = GpuTensor::output(&x.gpu, [d.n, od, oh, ow, d.cout])?;
-    let pass = Pass { gpu: &x.gpu, pr: &Problem::blocked(&d), plan: Plan::auto(p) };
-    launch_data(&pass, Operands { src: &x.buf, w: &w.buf, bias: bias.map(|b| &b.buf) }, &mut y.buf)?;
-    Ok(y)
+    let ops = Operands { src: &x.buf, w: &w.buf, bias: bias.map(|b| &b.buf) };
+    launch_into(&x.gpu, Problem::blocked(&d), p, launch_data, ops, [d.n, od, oh, ow, d.cout])
 }
 
 /// The input grid of a transposed conv whose output gradient is `gy`.
@@ -510,10 +531,9 @@ pub fn conv_transpose3d_backward_data(
     let wd = transposed_kernel(op, w, stride)?;
     let d = TransposedDims { n: gy.dims()[0], input, cin: wd[0], cout: wd[4], kernel: stride };
     check_output(op, gy, d.n, d.output(), d.cout)?;
-    let mut gx = GpuTensor::output(&gy.gpu, [d.n, input[0], input[1], input[2], d.cin])?;
-    let pass = Pass { gpu: &gy.gpu, pr: &Problem::blocked(&d), plan: Plan::auto(p) };
-    launch_forward(&pass, Operands { src: &gy.buf, w: &w.buf, bias: None }, &mut gx.buf)?;
-    Ok(gx)
+    let ops = Operands { src: &gy.buf, w: &w.buf, bias: None };
+    let dims = [d.n, input[0], input[1], input[2], d.cin];
+    launch_into(&gy.gpu, Problem::blocked(&d), p, launch_forward, ops, dims)
 }
 
 /// The weight gradient (C_in, T, R, S, C_out) of [`conv_transpose3d_forward`], and the bias
@@ -533,9 +553,7 @@ pub fn conv_transpose3d_backward_weight(
     ensure!(stride.iter().all(|&s| s > 0), "{op}: stride {stride:?} must be positive");
     check_output(op, gy, d.n, d.output(), d.cout)?;
     let w_dims = [d.cin, stride[0], stride[1], stride[2], d.cout];
-    let pass = Pass { gpu: &x.gpu, pr: &Problem::blocked(&d), plan: Plan::auto(p) };
-    let gw = launch_weight(&pass, &x.buf, &gy.buf, w_dims)?;
-    Ok((gw, with_bias.then(|| bias_grad(gy)).transpose()?))
+    weight_grads(Problem::blocked(&d), p, [&x.buf, &gy.buf], w_dims, gy, with_bias)
 }
 
 #[cfg(test)]

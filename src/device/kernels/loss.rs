@@ -8,7 +8,9 @@ use anyhow::{Result, bail, ensure};
 use super::norm::tile_grid;
 use super::{GpuTensor, items, same_device, same_shape};
 use crate::device::cpu::loss::{BceDice, LabelSmoothing, Pointwise, Slices, SoftmaxLoss};
-use crate::device::launch::{Arg, Gpu, GpuBuffer, Kernel, LaunchConfig, MAX_DYNAMIC_SHARED, to_i32};
+use crate::device::launch::{
+    Arg, DeviceScalar, Gpu, GpuBuffer, Kernel, LaunchConfig, MAX_DYNAMIC_SHARED, to_i32,
+};
 
 /// Threads per block of the voxel-parallel loss kernels (`kLossThreads`).
 const THREADS: usize = 256;
@@ -172,14 +174,38 @@ fn pointwise_args(kind: Pointwise, slices: Slices) -> (i32, f32, Vec<f32>) {
     (code, beta, smoothing.per_slice(depth).into_iter().map(|s| s as f32).collect())
 }
 
-fn pointwise_check(op: &str, x: &GpuTensor, t: &GpuTensor, slices: Slices) -> Result<()> {
+/// Launches pointwise kernel `kernel` of `kind` over `x` against `t` into `out`: the forward's
+/// partial sums, or the backward's gradient, which takes `scale` as its last argument.
+fn pointwise_launch<T: DeviceScalar>(
+    op: &str,
+    (kernel, cfg): (Kernel, LaunchConfig),
+    (kind, slices): (Pointwise, Slices),
+    x: &GpuTensor,
+    t: &GpuTensor,
+    out: &mut GpuBuffer<T>,
+    scale: Option<f32>,
+) -> Result<()> {
     same_shape(op, x, t)?;
     ensure!(
         slices.depth.max(1) * slices.len.max(1) <= x.numel().max(1) && slices.len > 0,
         "{op}: slices {slices:?} do not fit a tensor of shape {}",
         x.shape
     );
-    Ok(())
+    let (code, beta, table) = pointwise_args(kind, slices);
+    let smooth = x.gpu.upload(&table)?;
+    let mut args = vec![
+        Arg::val(code),
+        Arg::read(&x.buf),
+        Arg::read(&t.buf),
+        Arg::read(&smooth),
+        Arg::val(slices.len as i64),
+        Arg::val(to_i32(table.len(), op)?),
+        Arg::write(out),
+        Arg::val(x.numel() as i64),
+        Arg::val(beta),
+    ];
+    args.extend(scale.map(Arg::val));
+    x.gpu.launch(kernel, cfg, &args)
 }
 
 /// `scale` times the sum of the loss terms of `kind` (scale 1/numel for a mean).
@@ -190,29 +216,12 @@ pub fn pointwise_forward(
     slices: Slices,
     scale: f64,
 ) -> Result<GpuLoss> {
-    let op = "pointwise loss";
-    pointwise_check(op, x, t, slices)?;
     let gpu = &x.gpu;
-    let n = x.numel();
-    let (code, beta, table) = pointwise_args(kind, slices);
-    let smooth = gpu.upload(&table)?;
-    let blocks = n.div_ceil(THREADS).clamp(1, PARTIAL_BLOCKS);
+    let blocks = x.numel().div_ceil(THREADS).clamp(1, PARTIAL_BLOCKS);
     let mut partial = gpu.alloc::<f64>(blocks)?;
-    gpu.launch(
-        Kernel::LOSS_POINTWISE_PARTIALS,
-        LaunchConfig::linear(blocks as u32, THREADS as u32),
-        &[
-            Arg::val(code),
-            Arg::read(&x.buf),
-            Arg::read(&t.buf),
-            Arg::read(&smooth),
-            Arg::val(slices.len as i64),
-            Arg::val(to_i32(table.len(), op)?),
-            Arg::write(&mut partial),
-            Arg::val(n as i64),
-            Arg::val(beta),
-        ],
-    )?;
+    let cfg = LaunchConfig::linear(blocks as u32, THREADS as u32);
+    let kernel = (Kernel::LOSS_POINTWISE_PARTIALS, cfg);
+    pointwise_launch("pointwise loss", kernel, (kind, slices), x, t, &mut partial, None)?;
     let mut out = gpu.alloc::<f64>(1)?;
     gpu.launch(
         Kernel::REDUCE_PARTIALS_F64,
@@ -230,30 +239,17 @@ pub fn pointwise_backward(
     slices: Slices,
     scale: f32,
 ) -> Result<GpuTensor> {
-    let op = "pointwise loss backward";
-    pointwise_check(op, x, t, slices)?;
-    let gpu = &x.gpu;
-    let n = x.numel();
-    let (code, beta, table) = pointwise_args(kind, slices);
-    let smooth = gpu.upload(&table)?;
-    let mut gx = GpuTensor::output(gpu, x.shape.clone())?;
-    gpu.launch(
-        Kernel::LOSS_POINTWISE_BWD,
-        items(n),
-        &[
-            Arg::val(code),
-            Arg::read(&x.buf),
-            Arg::read(&t.buf),
-            Arg::read(&smooth),
-            Arg::val(slices.len as i64),
-            Arg::val(to_i32(table.len(), op)?),
-            Arg::write(&mut gx.buf),
-            Arg::val(n as i64),
-            Arg::val(beta),
-            Arg::val(scale),
-        ],
-    )?;
+    let mut gx = GpuTensor::output(&x.gpu, x.shape.clone())?;
+    let kernel = (Kernel::LOSS_POINTWISE_BWD, items(x.numel()));
+    pointwise_launch("pointwise loss backward", kernel, (kind, slices), x, t, &mut gx.buf, Some(scale))?;
     Ok(gx)
+}
+
+/// (channels, voxels) of channels-last `x`, whose targets `t` must have its shape.
+fn channels_and_voxels(op: &str, x: &GpuTensor, t: &GpuTensor) -> Result<(usize, usize)> {
+    same_shape(op, x, t)?;
+    let c = x.shape.last();
+    Ok((c, x.numel().checked_div(c).unwrap_or(0)))
 }
 
 /// What [`bce_dice_backward`] needs: `dL/dp = coef_t[c] t + coef_p[c] p` per channel.
@@ -267,9 +263,7 @@ pub struct GpuBceDiceGrad {
 /// The seed's BCEDiceLoss over channels-last logits `x` and targets `t`.
 pub fn bce_dice_forward(x: &GpuTensor, t: &GpuTensor, cfg: &BceDice) -> Result<(GpuLoss, GpuBceDiceGrad)> {
     let op = "BCEDiceLoss";
-    same_shape(op, x, t)?;
-    let c = x.shape.last();
-    let voxels = x.numel().checked_div(c).unwrap_or(0);
+    let (c, voxels) = channels_and_voxels(op, x, t)?;
     let grid = tile_grid(op, c, 1, voxels)?;
     let gpu = &x.gpu;
     let ci = to_i32(c, op)?;
@@ -313,10 +307,8 @@ pub fn bce_dice_forward(x: &GpuTensor, t: &GpuTensor, cfg: &BceDice) -> Result<(
 /// `gy * d loss / d x` of [`bce_dice_forward`].
 pub fn bce_dice_backward(x: &GpuTensor, t: &GpuTensor, grad: &GpuBceDiceGrad, gy: f32) -> Result<GpuTensor> {
     let op = "BCEDiceLoss backward";
-    same_shape(op, x, t)?;
-    let c = x.shape.last();
+    let (c, voxels) = channels_and_voxels(op, x, t)?;
     ensure!(c == grad.c, "{op}: input {} does not have the forward's {} channels", x.shape, grad.c);
-    let voxels = x.numel() / c;
     let grid = tile_grid(op, c, 1, voxels)?;
     let mut gx = GpuTensor::output(&x.gpu, x.shape.clone())?;
     let args = [
@@ -343,9 +335,7 @@ pub struct GpuCosineGrad {
 /// The seed's MaskedCosineLoss over channels-last `p` and `t`.
 pub fn masked_cosine_forward(p: &GpuTensor, t: &GpuTensor) -> Result<(GpuLoss, GpuCosineGrad)> {
     let op = "MaskedCosineLoss";
-    same_shape(op, p, t)?;
-    let c = p.shape.last();
-    let voxels = p.numel().checked_div(c).unwrap_or(0);
+    let (c, voxels) = channels_and_voxels(op, p, t)?;
     let gpu = &p.gpu;
     let blocks = voxels.div_ceil(THREADS).clamp(1, PARTIAL_BLOCKS);
     let mut partial = gpu.alloc::<f64>(2 * blocks)?;
@@ -377,9 +367,7 @@ pub fn masked_cosine_backward(
     gy: f32,
 ) -> Result<GpuTensor> {
     let op = "MaskedCosineLoss backward";
-    same_shape(op, p, t)?;
-    let c = p.shape.last();
-    let voxels = p.numel().checked_div(c).unwrap_or(0);
+    let (c, voxels) = channels_and_voxels(op, p, t)?;
     let mut gx = GpuTensor::output(&p.gpu, p.shape.clone())?;
     let args = [
         Arg::read(&p.buf),

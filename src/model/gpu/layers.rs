@@ -13,7 +13,7 @@ use crate::device::kernels::se::{self, SeParams, SeSaved};
 use crate::device::kernels::{GpuTensor, activation, elementwise, pool};
 use crate::device::launch::Gpu;
 use crate::model::{EncoderBlock, SePool, se_reduced_channels};
-use crate::nn::{ConvSpec, LayerSettings};
+use crate::nn::{self, ConvSpec, LayerSettings};
 use crate::tensor::{Shape, Tensor};
 
 /// Parity with the CPU reference first: every conv in fp32 on CUDA cores.
@@ -461,21 +461,10 @@ impl ResidualBlock {
         b: &EncoderBlock,
         s: &LayerSettings,
     ) -> Result<Self> {
-        let (cin, cout, bias) = (b.in_channels, b.out_channels, s.conv_bias);
-        let conv = |cin, cout, kernel, stride| ConvSpec { cin, cout, kernel, stride, bias };
-        let specs = match b.bottleneck_channels {
-            None => vec![conv(cin, cout, b.kernel, b.stride), conv(cout, cout, b.kernel, [1; 3])],
-            Some(mid) => vec![
-                conv(cin, mid, [1; 3], [1; 3]),
-                conv(mid, mid, b.kernel, b.stride),
-                conv(mid, cout, [1; 3], [1; 3]),
-            ],
-        };
-        let last = specs.len() - 1;
-        let mut branch = Vec::with_capacity(specs.len());
-        for (i, spec) in specs.into_iter().enumerate() {
-            let act = if i == last { Act::None } else { s.act };
-            branch.push(ConvNormAct::bind(p, store, &format!("{prefix}.conv{}", i + 1), spec, s, act)?);
+        let (cin, cout) = (b.in_channels, b.out_channels);
+        let mut branch = Vec::new();
+        for (name, spec, act) in nn::ResidualBlock::branch_convs(prefix, b, s) {
+            branch.push(ConvNormAct::bind(p, store, &name, spec, s, act)?);
         }
         let se = s
             .squeeze_excitation

@@ -17,7 +17,7 @@ use crate::config::Activation;
 use crate::device::kernels::{GpuTensor, activation, elementwise};
 use crate::device::launch::Gpu;
 use crate::loss::Loss;
-use crate::nn::{ConvSpec, LayerSettings};
+use crate::nn::{self, ConvSpec, LayerSettings};
 use crate::tensor::Tensor;
 
 /// One decoder stage: upsampling, the convs after the concatenation, the head.
@@ -67,14 +67,8 @@ impl GpuNetwork {
         arch.validate()?;
         let s = LayerSettings::of(arch);
         let mut p = Params::new(gpu);
-        let stem = ConvSpec {
-            cin: arch.in_channels,
-            cout: arch.features_per_stage[0],
-            kernel: arch.kernel_sizes[0],
-            stride: [1; 3],
-            bias: s.conv_bias,
-        };
-        let stem = ConvNormAct::bind(&mut p, store, "encoder.stem.convs.0", stem, &s, s.act)?;
+        let (name, stem) = nn::Encoder::stem(arch, &s);
+        let stem = ConvNormAct::bind(&mut p, store, name, stem, &s, s.act)?;
         let mut stages: Vec<Vec<ResidualBlock>> = (0..arch.n_stages()).map(|_| Vec::new()).collect();
         for b in arch.encoder_blocks() {
             let prefix = format!("encoder.stages.{}.blocks.{}", b.stage, b.index);
@@ -95,16 +89,7 @@ impl GpuNetwork {
                     s.conv_bias,
                 )?;
                 let mut convs = Vec::with_capacity(st.n_convs);
-                for j in 0..st.n_convs {
-                    let cin = if j == 0 { 2 * st.channels } else { st.channels };
-                    let spec = ConvSpec {
-                        cin,
-                        cout: st.channels,
-                        kernel: st.kernel,
-                        stride: [1; 3],
-                        bias: s.conv_bias,
-                    };
-                    let name = format!("{prefix}.stages.{i}.convs.{j}");
+                for (name, spec) in nn::Decoder::stage_convs(&prefix, &st, &s) {
                     convs.push(ConvNormAct::bind(&mut p, store, &name, spec, &s, s.act)?);
                 }
                 let head = ConvSpec::pointwise(st.channels, target.channels, true);
