@@ -15,8 +15,9 @@ use crate::train::trainer::{ConfigSource, RunSummary, Trainer};
 pub struct TrainArgs {
     #[command(flatten)]
     config: ConfigArgs,
-    /// The device to train on instead of tr_setup.device (today only cpu trains; cuda:N and sim
-    /// are refused until the loop drives the GPU network).
+    /// The device to train on instead of tr_setup.device: cpu, cuda:N, or sim (the CUDA kernels on
+    /// the CPU, slow, for checks). On a GPU device the forward and backward run there; the
+    /// optimizer steps on the host.
     #[arg(long)]
     device: Option<Device>,
     /// Replace the checkpoints of an earlier run of the same tr_setup.model_name instead of

@@ -1,6 +1,7 @@
 //! The training loop: per-target losses with deep supervision, gradient accumulation and clipping,
 //! the optimizer and its per-epoch schedule, validation, checkpoints, GIFs and logs.
 
+use std::cell::RefCell;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -9,6 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::checkpoint::{self, TrainingState};
 use super::gif::{self, Panel};
+use super::gpu_step::GpuStep;
 use super::log::Logger;
 use super::metrics::{self, Accumulator, Decision, Score, Scoring, Validation};
 use crate::autograd::{Graph, ParamStore, Var};
@@ -16,7 +18,6 @@ use crate::cli::plan::PlanReport;
 use crate::config::{Config, OptimizerConfig, TargetConfig};
 use crate::data::Batch;
 use crate::data::normalize::CtStats;
-use crate::device::Device;
 use crate::device::cpu::optim::scale_in_place;
 use crate::loss;
 use crate::model::{Architecture, Network, apply_activation, init};
@@ -72,6 +73,9 @@ pub struct Trainer {
     config: Config,
     arch: Architecture,
     net: Network,
+    /// The step's network on `tr_setup.device` when that is a GPU device (None: the CPU tape).
+    /// In a cell because validation, a `&self` pass, runs its forward too.
+    gpu: Option<RefCell<GpuStep>>,
     store: ParamStore,
     optimizer: Box<dyn Optimizer>,
     state: TrainingState,
@@ -96,14 +100,7 @@ impl Trainer {
     /// checkpoint that does not fit the network is an error here, before any training.
     pub fn new(config: Config, source: ConfigSource) -> Result<Trainer> {
         let setup = &config.tr_setup;
-        if setup.device != Device::Cpu {
-            bail!(
-                "tr_setup.device is {}, but the training loop does not drive a GPU device yet (the \
-                 network runs there, model::gpu, and `unet3d infer` uses it); train on the CPU with \
-                 --device cpu (or --set tr_setup.device=cpu)",
-                setup.device
-            );
-        }
+        let gpu = setup.device.gpu().with_context(|| format!("tr_setup.device {}", setup.device))?;
         let plan = PlanReport::new(&config)?;
         println!("training memory ({}): {}", plan.optimizer, plan.memory);
         plan.check().context("refusing to train")?;
@@ -162,7 +159,21 @@ impl Trainer {
             }
         };
         let net = Network::new(&arch, &store)?;
-        Ok(Trainer { config, arch, net, store, optimizer, state, resumed, overwrite: false, progress: true })
+        let gpu = gpu
+            .map(|g| GpuStep::new(&g, &arch, &store, &config.dataset_config.targets).map(RefCell::new))
+            .transpose()?;
+        Ok(Trainer {
+            config,
+            arch,
+            net,
+            gpu,
+            store,
+            optimizer,
+            state,
+            resumed,
+            overwrite: false,
+            progress: true,
+        })
     }
 
     pub fn architecture(&self) -> &Architecture {
@@ -349,17 +360,21 @@ impl Trainer {
             if index == 0 {
                 bar.suspend(|| println!("{}", describe_batch(&batch)));
             }
-            let mut g = Graph::new();
-            let x = g.constant(batch.input.clone());
-            let outputs = self.net.forward(&mut g, &self.store, x)?;
-            let losses = self.target_losses(&mut g, &batch, &outputs)?;
-            let values: Vec<f64> =
-                losses.iter().map(|&l| g.value(l).item().map(f64::from)).collect::<Result<_>>()?;
-            let terms: Vec<(Var, f64)> =
-                losses.iter().zip(targets).map(|(&l, t)| (l, t.weight / accum as f64)).collect();
-            let total = loss::weighted_sum(&mut g, &terms)?;
-            g.backward(total, &mut self.store)?;
-            drop(g);
+            let values = if self.gpu.is_some() {
+                self.gpu_step(&batch, accum)?
+            } else {
+                let mut g = Graph::new();
+                let x = g.constant(batch.input.clone());
+                let outputs = self.net.forward(&mut g, &self.store, x)?;
+                let losses = self.target_losses(&mut g, &batch, &outputs)?;
+                let values: Vec<f64> =
+                    losses.iter().map(|&l| g.value(l).item().map(f64::from)).collect::<Result<_>>()?;
+                let terms: Vec<(Var, f64)> =
+                    losses.iter().zip(targets).map(|(&l, t)| (l, t.weight / accum as f64)).collect();
+                let total = loss::weighted_sum(&mut g, &terms)?;
+                g.backward(total, &mut self.store)?;
+                values
+            };
             let weighted: f64 = values.iter().zip(targets).map(|(v, t)| v * t.weight).sum();
             loss_sum += weighted;
             target_sums.iter_mut().zip(&values).for_each(|(s, v)| *s += v);
@@ -395,6 +410,26 @@ impl Trainer {
         })
     }
 
+    /// One step's forward and backward on the device: the per-target loss values (from the
+    /// downloaded heads, by the CPU's loss code) and the gradients added to the store's, with the
+    /// weights of the CPU step.
+    fn gpu_step(&mut self, batch: &Batch, accum: usize) -> Result<Vec<f64>> {
+        let mut step = self.gpu.as_ref().expect("a GPU device").borrow_mut();
+        let mut g = Graph::no_grad();
+        let outputs = step.forward(&mut g, &self.store, &batch.input)?;
+        let losses = self.target_losses(&mut g, batch, &outputs)?;
+        let values: Vec<f64> =
+            losses.iter().map(|&l| g.value(l).item().map(f64::from)).collect::<Result<_>>()?;
+        let heads = outputs.first().map_or(0, Vec::len);
+        let labels: Vec<Vec<Tensor>> = batch.targets.iter().map(|tb| tb.scales[..heads].to_vec()).collect();
+        let targets = &self.config.dataset_config.targets;
+        let loss_fns: Vec<loss::Loss> = targets.iter().map(|t| t.loss).collect();
+        let weights: Vec<f64> = targets.iter().map(|t| t.weight / accum as f64).collect();
+        let ds = loss::deep_supervision_weights(heads);
+        step.backward(&mut self.store, &labels, &loss_fns, &weights, &ds)?;
+        Ok(values)
+    }
+
     fn scale_grads(&mut self, s: f32) {
         for id in self.store.ids().collect::<Vec<_>>() {
             if let Some(g) = self.store.grad_mut(id) {
@@ -413,6 +448,9 @@ impl Trainer {
         let stepped = if norm.is_finite() {
             self.optimizer.step(&mut self.store)?;
             self.state.optimizer_steps += 1;
+            if let Some(gpu) = &self.gpu {
+                gpu.borrow_mut().parameters_changed();
+            }
             Some(norm)
         } else {
             eprintln!("warning: gradient norm {norm} at batch {}: step skipped", self.state.global_step);
@@ -450,8 +488,13 @@ impl Trainer {
             }
             let batch = batch.with_context(|| format!("validation batch {b}"))?;
             let mut g = Graph::no_grad();
-            let x = g.constant(batch.input.clone());
-            let outputs = self.net.forward(&mut g, &self.store, x)?;
+            let outputs = match &self.gpu {
+                Some(gpu) => gpu.borrow_mut().forward(&mut g, &self.store, &batch.input)?,
+                None => {
+                    let x = g.constant(batch.input.clone());
+                    self.net.forward(&mut g, &self.store, x)?
+                }
+            };
             let losses = self.target_losses(&mut g, &batch, &outputs)?;
             let mut shown = Vec::new();
             for (t, (heads, &l)) in outputs.iter().zip(&losses).enumerate() {
