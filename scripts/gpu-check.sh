@@ -19,6 +19,14 @@ cd "$root"
 carry="$root/gpu-carry"
 out="${OUT:-$root/gpu-report}"
 mkdir -p "$out"
+# prepare-gpu-carry.sh packs the executables (they would not fit the carry limit unpacked).
+if [[ -f "$carry/bins.tar.xz" ]]; then
+  unpacked="$(mktemp -d)"
+  trap 'rm -rf "$unpacked"' EXIT
+  xz -dc "$carry/bins.tar.xz" | tar -C "$unpacked" -xf - || { echo "gpu-check: cannot unpack $carry/bins.tar.xz" >&2; exit 2; }
+  cp "$carry/BUILD-INFO" "$unpacked/"
+  carry="$unpacked"
+fi
 report="$out/gpu-report.md"
 tests_log="$out/tests.log"
 san_log="$out/sanitizer.log"
