@@ -147,7 +147,7 @@ step "kernel benchmarks" 120 "$tests_log" \
   env UNET3D_BENCH_OUT="$bench" "$carry/sim_kernels" --ignored kernel_throughput --test-threads 1
 echo "## PyTorch, same ops and sizes (channels_last_3d)" >>"$bench"
 tmp="$(mktemp -d)"
-trap 'rm -rf "$tmp"' EXIT
+trap 'rm -rf "$tmp" ${unpacked:+"$unpacked"}' EXIT # replaces the trap above: both go
 cat >"$tmp/torch_bench.py" <<'EOF'
 import torch
 import torch.nn.functional as F
