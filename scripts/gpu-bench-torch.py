@@ -8,11 +8,15 @@ backward pass alone through aten.convolution_backward. Prints a Markdown table; 
 With --fused: PyTorch's eager ops for the rows of `bench::run_fused` instead (instance norm +
 leaky ReLU (+ residual), squeeze-excitation, nnU-Net's Dice + CE, forward and autograd backward),
 GB/s with the same byte counts; --ours joins the table of `sim_fused --ignored fused_throughput`.
+
+With --elementwise: the rows of `bench::run` (elementwise, activations, reductions, pooling,
+concat, the optimizer step and gradient norm), GB/s.
 """
 import argparse
 import re
 
 import torch
+import torch.nn.functional as F
 
 # (kind, input size, input channels, output channels), as RESENC_M_CONVS; batch 2.
 LAYERS = [("k3s1", 128, 32, 32), ("k3s1", 64, 64, 64), ("k3s1", 32, 128, 128), ("k3s1", 16, 256, 256),
@@ -139,13 +143,51 @@ def parse(path, prefix="conv"):
     return got
 
 
+def bench_elementwise():
+    dev = torch.device("cuda:0")
+    n, d, h, w, c = 2, 128, 128, 128, 32
+    f = 4 * n * d * h * w * c
+    a, b, g = (cl(dev, n, c, d, h, w) for _ in range(3))
+    gate = cl(dev, n, c, 1, 1, 1)
+    p1, p2 = cl(dev, n, c // 2, d, h, w), cl(dev, n, c // 2, d, h, w)
+    shape = f"[{n}, {d}, {h}, {w}, {c}]"
+    rows = [
+        ("add", shape, 3 * f, lambda: a + b),
+        ("mul", shape, 3 * f, lambda: a * b),
+        ("gate multiply (N,1,1,1,C)", shape, 2 * f, lambda: a * gate),
+        ("gate multiply backward", shape, 5 * f, lambda: (g * gate, (g * a).sum((2, 3, 4), keepdim=True))),
+        ("leaky relu", shape, 2 * f, lambda: F.leaky_relu(a, 0.01)),
+        ("leaky relu backward", shape, 3 * f, lambda: torch.ops.aten.leaky_relu_backward(g, a, 0.01, False)),
+        ("sigmoid", shape, 2 * f, lambda: torch.sigmoid(a)),
+        ("softmax over channels", shape, 2 * f, lambda: torch.softmax(a, dim=1)),
+        ("spatial mean", shape, f, lambda: a.mean((2, 3, 4), keepdim=True)),
+        ("avg pool 2x2x2", shape, f + f // 8, lambda: F.avg_pool3d(a, 2)),
+        ("concat channels", f"2 x [{n}, {d}, {h}, {w}, {c // 2}]", 2 * f, lambda: torch.cat([p1, p2], dim=1)),
+    ]
+    params = [torch.nn.Parameter(torch.rand(320 * 320 * 27, device=dev)) for _ in range(80)]
+    for p in params:
+        p.grad = torch.rand_like(p)
+    total = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=True)
+    grads = [p.grad for p in params]
+    norm = lambda: torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item()  # noqa: E731
+    pshape = f"{len(params)} tensors, {total} parameters"
+    rows += [("adamw step (fused)", pshape, 28 * total, opt.step), ("gradient norm (foreach)", pshape, 4 * total, norm)]
+    out = []
+    for op, shp, nbytes, fn in rows:
+        ms = time_ms(fn, reps=20)
+        out.append((op, shp, ms, nbytes / (ms * 1e6)))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ours", help="Markdown table of unet3d's conv rows to join")
     ap.add_argument("--fused", action="store_true", help="the norm, SE and loss rows instead of conv")
+    ap.add_argument("--elementwise", action="store_true", help="the elementwise and optimizer rows instead of conv")
     args = ap.parse_args()
-    rows = bench_fused() if args.fused else bench()
-    unit, ref = ("GB/s", "PyTorch") if args.fused else ("TFLOP/s", "cuDNN")
+    rows = bench_fused() if args.fused else bench_elementwise() if args.elementwise else bench()
+    unit, ref = ("GB/s", "PyTorch") if args.fused or args.elementwise else ("TFLOP/s", "cuDNN")
     print(f"PyTorch {torch.__version__}, cuDNN {torch.backends.cudnn.version()} on {torch.cuda.get_device_name(0)}\n")
     if not args.ours:
         print(f"| op | shape | ms | {unit} |\n|---|---|---:|---:|")

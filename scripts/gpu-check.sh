@@ -148,68 +148,7 @@ step "kernel benchmarks" 120 "$tests_log" \
 echo "## PyTorch, same ops and sizes (channels_last_3d)" >>"$bench"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp" ${unpacked:+"$unpacked"}' EXIT # replaces the trap above: both go
-cat >"$tmp/torch_bench.py" <<'EOF'
-import torch
-import torch.nn.functional as F
-
-dev = torch.device("cuda:0")
-n, d, h, w, c = 2, 128, 128, 128, 32
-elems = n * d * h * w * c
-f = 4 * elems
-
-
-def cl(*dims):
-    """A channels-last (N, D, H, W, C) tensor viewed as PyTorch's (N, C, D, H, W)."""
-    return torch.rand(*dims, device=dev).sub_(0.5).permute(0, 4, 1, 2, 3)
-
-
-def time_ms(fn, reps=20):
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
-a, b, g = cl(n, d, h, w, c), cl(n, d, h, w, c), cl(n, d, h, w, c)
-gate = cl(n, 1, 1, 1, c)
-p1, p2 = cl(n, d, h, w, c // 2), cl(n, d, h, w, c // 2)
-shape = f"[{n}, {d}, {h}, {w}, {c}]"
-rows = [
-    ("add", shape, 3 * f, lambda: a + b),
-    ("mul", shape, 3 * f, lambda: a * b),
-    ("gate multiply (N,1,1,1,C)", shape, 2 * f, lambda: a * gate),
-    ("gate multiply backward", shape, 5 * f, lambda: (g * gate, (g * a).sum((2, 3, 4), keepdim=True))),
-    ("leaky relu", shape, 2 * f, lambda: F.leaky_relu(a, 0.01)),
-    ("leaky relu backward", shape, 3 * f, lambda: torch.ops.aten.leaky_relu_backward(g, a, 0.01, False)),
-    ("sigmoid", shape, 2 * f, lambda: torch.sigmoid(a)),
-    ("softmax over channels", shape, 2 * f, lambda: torch.softmax(a, dim=1)),
-    ("spatial mean", shape, f, lambda: a.mean((2, 3, 4), keepdim=True)),
-    ("avg pool 2x2x2", shape, f + f // 8, lambda: F.avg_pool3d(a, 2)),
-    ("concat channels", f"2 x [{n}, {d}, {h}, {w}, {c // 2}]", 2 * f, lambda: torch.cat([p1, p2], dim=1)),
-]
-params = [torch.nn.Parameter(torch.rand(320 * 320 * 27, device=dev)) for _ in range(80)]
-for p in params:
-    p.grad = torch.rand_like(p)
-total = sum(p.numel() for p in params)
-opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=True)
-grads = [p.grad for p in params]
-pshape = f"{len(params)} tensors, {total} parameters"
-rows += [
-    ("adamw step (fused)", pshape, 28 * total, opt.step),
-    ("gradient norm (foreach)", pshape, 4 * total, lambda: torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item()),
-]
-print(f"PyTorch {torch.__version__} on {torch.cuda.get_device_name(0)}\n")
-print("| op | shape | ms | GB/s |\n|---|---|---:|---:|")
-for op, shp, nbytes, fn in rows:
-    ms = time_ms(fn)
-    print(f"| {op} | {shp} | {ms:.4f} | {nbytes / (ms * 1e6):.1f} |")
-EOF
-step "pytorch benchmarks" 120 "$bench" python3 "$tmp/torch_bench.py"
+step "pytorch benchmarks" 120 "$bench" python3 scripts/gpu-bench-torch.py --elementwise
 echo "## CPU conv3d (unet3d bench conv --quick, on this machine's cores)" >>"$bench"
 step "cpu conv benchmark" 90 "$bench" "$carry/unet3d" bench conv --quick
 if ((have_conv)); then
