@@ -312,6 +312,28 @@ impl Trainer {
 
     /// Per target, its deep-supervised loss (nnU-Net's weights over the heads) on `g`.
     fn target_losses(&self, g: &mut Graph, batch: &Batch, outputs: &[Vec<Var>]) -> Result<Vec<Var>> {
+        let labels = self.batch_labels(batch, outputs.first().map_or(0, Vec::len))?;
+        let targets = &self.config.dataset_config.targets;
+        targets
+            .iter()
+            .zip(&labels)
+            .zip(outputs)
+            .map(|((t, labels), heads)| {
+                let inputs = if metrics::needs_probabilities(t) {
+                    heads.iter().map(|&h| act::sigmoid(g, h)).collect::<Result<Vec<_>>>()?
+                } else {
+                    heads.clone()
+                };
+                let w = loss::deep_supervision_weights(heads.len());
+                loss::deep_supervision(g, &t.loss, &inputs, labels, &w)
+                    .with_context(|| format!("loss of target '{}' ({})", t.name, t.loss_fn))
+            })
+            .collect()
+    }
+
+    /// Per target (config order) the batch's label maps for the network's `heads` outputs,
+    /// after checking that the batch has the config's targets at enough scales.
+    fn batch_labels(&self, batch: &Batch, heads: usize) -> Result<Vec<Vec<Tensor>>> {
         let targets = &self.config.dataset_config.targets;
         ensure!(
             batch.targets.len() == targets.len(),
@@ -322,24 +344,16 @@ impl Trainer {
         targets
             .iter()
             .zip(&batch.targets)
-            .zip(outputs)
-            .map(|((t, tb), heads)| {
+            .map(|(t, tb)| {
                 ensure!(tb.name == t.name, "batch target '{}' where the config has '{}'", tb.name, t.name);
                 ensure!(
-                    tb.scales.len() >= heads.len(),
+                    tb.scales.len() >= heads,
                     "target '{}': the batch has {} scales for {} network outputs",
                     t.name,
                     tb.scales.len(),
-                    heads.len()
+                    heads
                 );
-                let inputs = if metrics::needs_probabilities(t) {
-                    heads.iter().map(|&h| act::sigmoid(g, h)).collect::<Result<Vec<_>>>()?
-                } else {
-                    heads.clone()
-                };
-                let w = loss::deep_supervision_weights(heads.len());
-                loss::deep_supervision(g, &t.loss, &inputs, &tb.scales[..heads.len()], &w)
-                    .with_context(|| format!("loss of target '{}' ({})", t.name, t.loss_fn))
+                Ok(tb.scales[..heads].to_vec())
             })
             .collect()
     }
@@ -415,19 +429,13 @@ impl Trainer {
     /// weights of the CPU step.
     fn gpu_step(&mut self, batch: &Batch, accum: usize) -> Result<Vec<f64>> {
         let mut step = self.gpu.as_ref().expect("a GPU device").borrow_mut();
-        let mut g = Graph::no_grad();
-        let outputs = step.forward(&mut g, &self.store, &batch.input)?;
-        let losses = self.target_losses(&mut g, batch, &outputs)?;
-        let values: Vec<f64> =
-            losses.iter().map(|&l| g.value(l).item().map(f64::from)).collect::<Result<_>>()?;
-        let heads = outputs.first().map_or(0, Vec::len);
-        let labels: Vec<Vec<Tensor>> = batch.targets.iter().map(|tb| tb.scales[..heads].to_vec()).collect();
+        let heads = step.forward(&self.store, &batch.input)?;
+        let labels = self.batch_labels(batch, heads)?;
         let targets = &self.config.dataset_config.targets;
         let loss_fns: Vec<loss::Loss> = targets.iter().map(|t| t.loss).collect();
         let weights: Vec<f64> = targets.iter().map(|t| t.weight / accum as f64).collect();
         let ds = loss::deep_supervision_weights(heads);
-        step.backward(&mut self.store, &labels, &loss_fns, &weights, &ds)?;
-        Ok(values)
+        Ok(step.backward(&mut self.store, &labels, &loss_fns, &weights, &ds)?.per_target)
     }
 
     fn scale_grads(&mut self, s: f32) {
@@ -489,7 +497,7 @@ impl Trainer {
             let batch = batch.with_context(|| format!("validation batch {b}"))?;
             let mut g = Graph::no_grad();
             let outputs = match &self.gpu {
-                Some(gpu) => gpu.borrow_mut().forward(&mut g, &self.store, &batch.input)?,
+                Some(gpu) => gpu.borrow_mut().forward_heads(&mut g, &self.store, &batch.input)?,
                 None => {
                     let x = g.constant(batch.input.clone());
                     self.net.forward(&mut g, &self.store, x)?

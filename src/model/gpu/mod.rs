@@ -48,6 +48,14 @@ struct Forward {
 }
 
 /// The network of an [`Architecture`] on a [`Gpu`], with its parameters and, after
+/// What [`GpuNetwork::loss_and_backward`] computed: the task-weighted total it differentiated,
+/// and per target its deep-supervision-weighted loss before the task weight (what training logs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceLoss {
+    pub total: f64,
+    pub per_target: Vec<f64>,
+}
+
 /// [`forward`](Self::forward), the activations its backward needs.
 pub struct GpuNetwork {
     gpu: Gpu,
@@ -201,7 +209,7 @@ impl GpuNetwork {
         losses: &[Loss],
         task_weights: &[f64],
         ds_weights: &[f64],
-    ) -> Result<f64> {
+    ) -> Result<DeviceLoss> {
         let targets = self.arch.targets.len();
         ensure!(
             labels.len() == targets && losses.len() == targets && task_weights.len() == targets,
@@ -223,11 +231,11 @@ impl GpuNetwork {
         losses: &[Loss],
         task_weights: &[f64],
         ds_weights: &[f64],
-    ) -> Result<f64> {
+    ) -> Result<DeviceLoss> {
         self.params.zero_grad();
         self.acts.zero_grad();
         let (p, acts) = (&mut self.params, &mut self.acts);
-        let mut total = 0.0;
+        let mut per_target = vec![0.0; f.decoders.len()];
         for (t, recs) in f.decoders.iter().enumerate() {
             let name = &self.arch.targets[t].name;
             let heads: Vec<Id> = recs.iter().rev().filter_map(|r| r.head).collect();
@@ -245,7 +253,7 @@ impl GpuNetwork {
                 let what = || format!("loss of target {name:?}, output {i}");
                 let label = GpuTensor::upload(&self.gpu, label).with_context(what)?;
                 let (value, grad) = loss::forward(&losses[t], acts.get(h), &label).with_context(what)?;
-                total += task_weights[t] * w * value;
+                per_target[t] += w * value;
                 let g = loss::backward(&grad, acts.get(h), &label, (task_weights[t] * w) as f32)
                     .with_context(what)?;
                 acts.accumulate(h, g)?;
@@ -281,7 +289,8 @@ impl GpuNetwork {
         if let Some(g) = acts.take_grad(f.stem.y) {
             self.stem.backward(p, acts, &g, &f.stem, false)?;
         }
-        Ok(total)
+        let total = per_target.iter().zip(task_weights).map(|(l, w)| w * l).sum();
+        Ok(DeviceLoss { total, per_target })
     }
 
     /// Every parameter's gradient from the last [`loss_and_backward`](Self::loss_and_backward),
