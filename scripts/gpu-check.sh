@@ -114,6 +114,15 @@ if ((have_fused)); then
 else
   echo "| fused kernel parity and benchmarks | skipped: gpu-carry/sim_fused not built | 0 |" >>"$report"
 fi
+# The whole network on cuda:0 (model::gpu) against the CPU tape and the PyTorch fixture, then a
+# short training run and the demo's inference on the GPU (the demo with its device set to cuda:0).
+if [[ -x "$carry/sim_network" ]]; then
+  step "network forward/loss/backward parity vs CPU and PyTorch" 120 "$tests_log" "$carry/sim_network"
+  step "short training run + inference on cuda:0 (demo, 2 epochs)" 150 "$tests_log" \
+    "$carry/unet3d" demo --overwrite --set tr_setup.device=cuda:0 --set tr_config.max_epoch=2
+else
+  echo "| network parity and training run | skipped: gpu-carry/sim_network not built | 0 |" >>"$report"
+fi
 
 # 2. compute-sanitizer on small sizes (it slows kernels down by orders of magnitude).
 sanitizer="$(command -v compute-sanitizer || true)"

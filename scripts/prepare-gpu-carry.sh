@@ -21,12 +21,12 @@ cargo build --release --locked --target-dir "$target" --bin unet3d
 tests_json="$(mktemp)"
 trap 'rm -f "$tests_json"' EXIT
 cargo test --release --locked --target-dir "$target" --no-run --message-format=json \
-  --lib --test sim_runtime --test sim_kernels --test sim_conv --test sim_fused >"$tests_json"
+  --lib --test sim_runtime --test sim_kernels --test sim_conv --test sim_fused --test sim_network >"$tests_json"
 
 rm -rf "$carry"
 mkdir -p "$carry"
 cp "$target/release/unet3d" "$carry/unet3d"
-# One executable per test target: lib (the unit tests), sim_runtime, sim_kernels, sim_conv, sim_fused.
+# One executable per test target: lib (the unit tests), sim_runtime, sim_kernels, sim_conv, sim_fused, sim_network.
 jq -r 'select(.reason == "compiler-artifact" and .executable != null and .profile.test == true)
        | "\(.target.kind[0]) \(.target.name) \(.executable)"' "$tests_json" |
   while read -r kind name exe; do
@@ -36,7 +36,7 @@ jq -r 'select(.reason == "compiler-artifact" and .executable != null and .profil
 for f in "$carry"/*; do
   strip --strip-debug "$f"
 done
-for f in unet3d lib_tests sim_runtime sim_kernels sim_conv sim_fused; do
+for f in unet3d lib_tests sim_runtime sim_kernels sim_conv sim_fused sim_network; do
   [[ -x "$carry/$f" ]] || { echo "prepare-gpu-carry: $f was not built" >&2; exit 1; }
 done
 
@@ -46,9 +46,9 @@ done
   echo "nvcc: $("$NVCC" --version | tail -n 1)"
 } >"$carry/BUILD-INFO"
 
-# Six executables that each embed the kernels come to ~86 MiB; xz packs them to ~21 MiB, which
+# Seven executables that each embed the kernels come to ~100 MiB; xz packs them to ~25 MiB, which
 # gpu-check.sh unpacks on the GPU machine.
-bins=(unet3d lib_tests sim_runtime sim_kernels sim_conv sim_fused)
+bins=(unet3d lib_tests sim_runtime sim_kernels sim_conv sim_fused sim_network)
 tar -C "$carry" -cf - "${bins[@]}" | xz -T0 -6 >"$carry/bins.tar.xz"
 for f in "${bins[@]}"; do rm "$carry/$f"; done
 
