@@ -45,3 +45,18 @@ extern "C" __global__ void ew_copy_columns(const float* src, float* dst, long lo
     dst[r * dst_stride + dst_off + c] = src[r * src_stride + src_off + c];
   }
 }
+
+/// y = v everywhere (device-side constants: a backward's seed, a non-affine norm's gamma and beta).
+extern "C" __global__ void ew_fill(float* y, float v, long long n) {
+  for (long long i = global_thread(); i < n; i += grid_threads()) y[i] = v;
+}
+
+/// y = s * x (a scaled copy).
+extern "C" __global__ void ew_scale(const float* x, float* y, float s, long long n) {
+  for (long long i = global_thread(); i < n; i += grid_threads()) y[i] = x[i] * s;
+}
+
+/// y += a * x (gradient accumulation in place, weighted sums of loss terms).
+extern "C" __global__ void ew_axpy(const float* x, float* y, float a, long long n) {
+  for (long long i = global_thread(); i < n; i += grid_threads()) y[i] = y[i] + a * x[i];
+}

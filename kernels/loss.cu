@@ -157,7 +157,8 @@ extern "C" __global__ void loss_softmax_finish(const double* partial, float* coe
 /// gx = gy * (ce_scale * (p - onehot) + p * (dp - p . dp)) with dp_k = d_pred[k] + [k == y] d_inter[k].
 template <int K>
 __device__ void softmax_bwd(const float* logits, const float* labels, const float* coef, float* gx, int n,
-                            long long voxels, int c, float ce_scale, float gy) {
+                            long long voxels, int c, float ce_scale, const float* gy_ptr) {
+  const float gy = gy_ptr[0];
   const long long total = static_cast<long long>(n) * voxels;
   for (long long gv = global_thread(); gv < total; gv += grid_threads()) {
     const long long b = gv / voxels;
@@ -185,17 +186,17 @@ __device__ void softmax_bwd(const float* logits, const float* labels, const floa
 
 extern "C" __global__ void __launch_bounds__(kLossThreads)
     loss_softmax_bwd_c4(const float* logits, const float* labels, const float* coef, float* gx, int n,
-                          long long voxels, int c, float ce_scale, float gy) {
+                          long long voxels, int c, float ce_scale, const float* gy) {
   softmax_bwd<4>(logits, labels, coef, gx, n, voxels, c, ce_scale, gy);
 }
 extern "C" __global__ void __launch_bounds__(kLossThreads)
     loss_softmax_bwd_c8(const float* logits, const float* labels, const float* coef, float* gx, int n,
-                          long long voxels, int c, float ce_scale, float gy) {
+                          long long voxels, int c, float ce_scale, const float* gy) {
   softmax_bwd<8>(logits, labels, coef, gx, n, voxels, c, ce_scale, gy);
 }
 extern "C" __global__ void __launch_bounds__(kLossThreads)
     loss_softmax_bwd_c16(const float* logits, const float* labels, const float* coef, float* gx, int n,
-                          long long voxels, int c, float ce_scale, float gy) {
+                          long long voxels, int c, float ce_scale, const float* gy) {
   softmax_bwd<16>(logits, labels, coef, gx, n, voxels, c, ce_scale, gy);
 }
 
@@ -266,7 +267,8 @@ extern "C" __global__ void __launch_bounds__(kLossThreads)
 /// gx = scale * d term / dx (scale: the forward's times the upstream gradient).
 extern "C" __global__ void loss_pointwise_bwd(int kind, const float* x, const float* t, const float* smooth,
                                               long long slice_len, int depth, float* gx, long long n, float beta,
-                                              float scale) {
+                                              float fwd_scale, const float* gy) {
+  const float scale = fwd_scale * gy[0];
   for (long long i = global_thread(); i < n; i += grid_threads()) {
     const float s = smooth[(i / slice_len) % depth];
     gx[i] = scale * pointwise_grad(kind, x[i], t[i], s, beta);
@@ -322,9 +324,10 @@ extern "C" __global__ void loss_bce_dice_finish(const double* partial, float* co
 /// gx = gy * (bce_scale * (p - smoothed t) + p (1 - p) (coef_t t + coef_p p)), channel-tiled.
 extern "C" __global__ void __launch_bounds__(kTileThreads)
     loss_bce_dice_bwd(const float* x, const float* t, const float* coef, float* gx, long long voxels, int c,
-                      long long rows_per_chunk, float bce_scale, float smoothing, float gy) {
+                      long long rows_per_chunk, float bce_scale, float smoothing, const float* gy_ptr) {
   const ChannelTile tile = channel_tile(c, voxels, rows_per_chunk);
   if (!tile.active) return;
+  const float gy = gy_ptr[0];
   const float ct = coef[tile.ch], cp = coef[c + tile.ch];
   for (long long v = tile.v0 + tile.row; v < tile.v1; v += tile.rows) {
     const long long i = v * c + tile.ch;
@@ -409,8 +412,8 @@ extern "C" __global__ void loss_cosine_finish(const double* partial, double* out
 /// gx = -scale * gy * d cos / dp on masked voxels, 0 elsewhere; cos goes through both clamped
 /// normalisations (the inner one's no-grad clamp lets the norm's gradient flow below eps).
 extern "C" __global__ void loss_cosine_bwd(const float* p, const float* t, const double* scale, float* gx,
-                                           long long voxels, int c, float gy) {
-  const float sc = static_cast<float>(scale[0]) * gy;
+                                           long long voxels, int c, const float* gy) {
+  const float sc = static_cast<float>(scale[0]) * gy[0];
   for (long long v = global_thread(); v < voxels; v += grid_threads()) {
     const float* pv = p + v * c;
     const float* tv = t + v * c;
@@ -435,4 +438,12 @@ extern "C" __global__ void loss_cosine_bwd(const float* p, const float* t, const
       g[k] = gq / r.cp - k2 * pv[k];
     }
   }
+}
+
+/// y[0] = scale * out[0] as float32: a loss value stays on the device. With check_bad, out[1] counts
+/// label values that are not class indices, and any makes the value NaN (the host sees it when it
+/// reads the loss; the CPU backend names the value instead).
+extern "C" __global__ void loss_value(const double* out, float* y, double scale, int check_bad) {
+  if (global_thread() != 0) return;
+  y[0] = (check_bad && out[1] > 0.0) ? __int_as_float(0x7fc00000) : static_cast<float>(scale * out[0]);
 }

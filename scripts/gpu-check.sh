@@ -114,10 +114,14 @@ if ((have_fused)); then
 else
   echo "| fused kernel parity and benchmarks | skipped: gpu-carry/sim_fused not built | 0 |" >>"$report"
 fi
-# The whole network on cuda:0 (model::gpu) against the CPU tape and the PyTorch fixture, then a
-# short training run and the demo's inference on the GPU (the demo with its device set to cuda:0).
+# The one network on cuda:0 against the CPU and the PyTorch fixture (and three optimizer steps),
+# one training step's time, launches and transfers beside the CPU's, then a short training run and
+# the demo's inference on the GPU (the demo with its device set to cuda:0).
 if [[ -x "$carry/sim_network" ]]; then
   step "network forward/loss/backward parity vs CPU and PyTorch" 120 "$tests_log" "$carry/sim_network"
+  echo "## training step: cuda:0 beside the CPU (unet3d bench step, model fixture network)" >>"$bench"
+  step "bench step on cuda:0 with its counters" 60 "$bench" "$carry/unet3d" bench step --device cuda:0 --reps 5
+  step "bench step on the cpu (baseline)" 60 "$bench" "$carry/unet3d" bench step --device cpu --reps 2
   step "short training run + inference on cuda:0 (demo, 2 epochs)" 150 "$tests_log" \
     "$carry/unet3d" demo --overwrite --set tr_setup.device=cuda:0 --set tr_config.max_epoch=2
 else

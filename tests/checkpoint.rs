@@ -70,15 +70,15 @@ fn round_trip_keeps_weights_moments_and_state() {
     let (dir, arch) = (scratch_dir("round-trip"), arch(4));
     let (store, adam) = trained(&arch, 3);
     let path = dir.join("m_1.safetensors");
-    checkpoint::save(&path, &arch, &store, &adam.export_state(), &state(1)).unwrap();
+    checkpoint::save(&path, &arch, &store, &adam.export_state().unwrap(), &state(1)).unwrap();
     let ck = checkpoint::load(&path, &arch).unwrap();
     assert_same_store(&store, &ck.store);
     assert_eq!(ck.optimizer.tensors.len(), 2 * store.len());
-    for (name, t) in &adam.export_state().tensors {
+    for (name, t) in &adam.export_state().unwrap().tensors {
         assert_eq!(ck.optimizer.tensors[name].data(), t.data(), "{name}");
     }
-    assert_eq!(ck.optimizer.meta, adam.export_state().meta);
-    assert_eq!(ck.state, TrainingState { optimizer: adam.export_state().meta, ..state(1) });
+    assert_eq!(ck.optimizer.meta, adam.export_state().unwrap().meta);
+    assert_eq!(ck.state, TrainingState { optimizer: adam.export_state().unwrap().meta, ..state(1) });
     // The imported optimizer continues as the original does.
     let mut resumed = Adam::new(AdamHyper::default()).unwrap();
     resumed.import_state(&ck.store, &ck.optimizer).unwrap();
@@ -107,12 +107,12 @@ fn an_interrupted_write_never_loads_wrongly() {
     let (dir, arch) = (scratch_dir("interrupted"), arch(4));
     let (old, old_adam) = trained(&arch, 1);
     let path = checkpoint::epoch_path(&dir, "m", 1);
-    checkpoint::save(&path, &arch, &old, &old_adam.export_state(), &state(1)).unwrap();
+    checkpoint::save(&path, &arch, &old, &old_adam.export_state().unwrap(), &state(1)).unwrap();
 
     // The bytes of the next checkpoint, as a complete write would leave them.
     let (new, new_adam) = trained(&arch, 2);
     let scratch = dir.join("scratch.safetensors");
-    checkpoint::save(&scratch, &arch, &new, &new_adam.export_state(), &state(2)).unwrap();
+    checkpoint::save(&scratch, &arch, &new, &new_adam.export_state().unwrap(), &state(2)).unwrap();
     let bytes = std::fs::read(&scratch).unwrap();
     std::fs::remove_file(&scratch).unwrap();
 
@@ -127,7 +127,7 @@ fn an_interrupted_write_never_loads_wrongly() {
         assert_eq!(listed, vec![(1, path.clone())]);
     }
     // A later save over the leftover temporary file completes normally.
-    checkpoint::save(&path, &arch, &new, &new_adam.export_state(), &state(2)).unwrap();
+    checkpoint::save(&path, &arch, &new, &new_adam.export_state().unwrap(), &state(2)).unwrap();
     assert_same_store(&new, &checkpoint::load(&path, &arch).unwrap().store);
     assert!(!temp_of(&path).exists());
 
@@ -148,7 +148,7 @@ fn an_interrupted_write_never_loads_wrongly() {
     std::fs::create_dir_all(blocked.join("x")).unwrap();
     let e = format!(
         "{:#}",
-        checkpoint::save(&blocked, &arch, &new, &new_adam.export_state(), &state(4)).unwrap_err()
+        checkpoint::save(&blocked, &arch, &new, &new_adam.export_state().unwrap(), &state(4)).unwrap_err()
     );
     assert!(e.contains(&blocked.display().to_string()), "{e}");
     assert!(blocked.join("x").is_dir());
@@ -159,7 +159,7 @@ fn checkpoints_that_do_not_fit_are_clear_errors() {
     let (dir, small, wide) = (scratch_dir("mismatch"), arch(4), arch(8));
     let (store, adam) = trained(&small, 1);
     let path = dir.join("m_1.safetensors");
-    checkpoint::save(&path, &small, &store, &adam.export_state(), &state(1)).unwrap();
+    checkpoint::save(&path, &small, &store, &adam.export_state().unwrap(), &state(1)).unwrap();
     let e = format!("{:#}", checkpoint::load(&path, &wide).err().unwrap());
     assert!(e.contains(&path.display().to_string()) && e.contains("do not fit"), "{e}");
     assert!(e.contains("encoder.stem.convs.0.conv.weight") || e.contains("features_per_stage"), "{e}");
@@ -184,7 +184,7 @@ fn prune_keeps_the_newest() {
             &checkpoint::epoch_path(&dir, "m", e),
             &arch,
             &store,
-            &adam.export_state(),
+            &adam.export_state().unwrap(),
             &state(e),
         )
         .unwrap();
@@ -194,7 +194,7 @@ fn prune_keeps_the_newest() {
         &checkpoint::epoch_path(&dir, "other", 1),
         &arch,
         &store,
-        &adam.export_state(),
+        &adam.export_state().unwrap(),
         &state(1),
     )
     .unwrap();

@@ -9,10 +9,12 @@ use common::{assert_close, fixture, fixture_arch, fixture_meta, fixture_state_di
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
+use unet3d::bench::step::training_step_benchmark;
 use unet3d::config::Activation;
+use unet3d::device::Device;
 use unet3d::loss::{self, DiceCe, LabelResample, Loss, Pointwise, Reduction};
 use unet3d::model::init::{self, he_std, torch_fan_in};
-use unet3d::model::network::{self, Network};
+use unet3d::model::network::Network;
 use unet3d::model::weights;
 use unet3d::model::{ArchConfig, Architecture, Block, Nonlin, SePool, Target};
 use unet3d::nn::{LayerSettings, ResidualBlock, SqueezeExcite};
@@ -500,14 +502,27 @@ fn bad_inputs_are_errors_that_name_the_shapes() {
 #[test]
 fn training_step_benchmark_reports_time_and_memory() {
     let arch = small_arch(Block::BasicBlockD, None, vec![Target::new("seg", 2)]);
-    let b = network::training_step_benchmark(&arch, 1, [4, 8, 8], 1, 0).unwrap();
+    let b = training_step_benchmark(&arch, Device::Cpu, 1, [4, 8, 8], 1, 0).unwrap();
     assert!(b.median_secs > 0.0);
     // Weights, the batch and at least one activation per feature-map element were alive at once.
     let floor = b.estimate.weights + b.estimate.batch_data + 4 * b.estimate.feature_map_size;
     assert!(b.peak_bytes > floor, "{b:?}");
     assert!(b.measured_activation_factor > 0.0, "{b:?}");
+    assert!(b.counters.is_none(), "no device counters on the CPU");
+    // On the sim: the device's own peak, and per step the batch and labels up, nothing down.
+    let s = training_step_benchmark(&arch, Device::Sim, 1, [4, 8, 8], 1, 0).unwrap();
+    let c = s.counters.expect("counters on a kernel device");
+    let scales = loss::deep_supervision_labels(
+        &Tensor::zeros([1, 4, 8, 8, 1]),
+        &arch.strides,
+        LabelResample::NearestExact,
+    );
+    let labels: usize = scales.unwrap().iter().map(Tensor::numel).sum();
+    assert_eq!(c.host_to_device_bytes, 4 * (4 * 8 * 8 * 2 + labels) as u64, "{c}");
+    assert_eq!(c.device_to_host_bytes, 0, "{c}");
+    assert!(c.launches > 50 && s.peak_bytes > floor, "{c}, peak {}", s.peak_bytes);
     let one_channel = small_arch(Block::BasicBlockD, None, vec![Target::new("ink", 1)]);
-    assert!(network::training_step_benchmark(&one_channel, 1, [4, 8, 8], 1, 0).is_err());
+    assert!(training_step_benchmark(&one_channel, Device::Cpu, 1, [4, 8, 8], 1, 0).is_err());
 }
 
 /// The measurement reported in src/model/size.rs: run with
@@ -527,8 +542,8 @@ fn measure_training_step() {
     ];
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     for (what, arch, patch, reps) in cases {
-        let one = network::training_step_benchmark(&arch, 1, patch, reps, 0).unwrap();
-        let b = network::training_step_benchmark(&arch, 2, patch, reps, 0).unwrap();
+        let one = training_step_benchmark(&arch, Device::Cpu, 1, patch, reps, 0).unwrap();
+        let b = training_step_benchmark(&arch, Device::Cpu, 2, patch, reps, 0).unwrap();
         // Weights and gradients cancel in the difference: what one more sample costs.
         let per_sample = (b.peak_bytes - one.peak_bytes) as f64 / (4.0 * b.estimate.feature_map_size as f64);
         println!(

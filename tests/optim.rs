@@ -98,7 +98,7 @@ fn sgd_without_nesterov_and_without_momentum_by_hand() {
             store.accumulate_grad(id, Tensor::scalar(g)).unwrap();
             opt.step(&mut store).unwrap();
         }
-        (store.value(id).item().unwrap(), opt.export_state().tensors.len())
+        (store.value(id).item().unwrap(), opt.export_state().unwrap().tensors.len())
     };
     let (p, buffers) = run(0.9);
     assert!((p - 0.9016).abs() < 1e-6, "{p}");
@@ -124,7 +124,7 @@ fn parameters_without_a_gradient_are_skipped() {
         opt.step(&mut s).unwrap();
         assert_ne!(s.value(a).data(), store.value(a).data());
         assert_eq!(s.value(b).data(), store.value(b).data(), "no gradient, no update (not even decay)");
-        let state = opt.export_state();
+        let state = opt.export_state().unwrap();
         assert!(state.tensors.keys().all(|k| k.ends_with(".a")), "{:?}", state.tensors.keys());
     }
 }
@@ -141,7 +141,7 @@ fn a_bad_gradient_is_an_error_before_anything_changes() {
     let e = opt.step(&mut store).unwrap_err().to_string();
     assert!(e.contains("gradient of 'b'") && e.contains("[2]") && e.contains("[3]"), "{e}");
     assert_eq!(store.value(a).data(), &[1.0, 2.0]);
-    assert!(opt.export_state().tensors.is_empty());
+    assert!(opt.export_state().unwrap().tensors.is_empty());
 }
 
 #[test]
@@ -304,7 +304,7 @@ fn exported_state_resumes_identically() {
             set_grads(&mut store, &mut rng);
             opt.step(&mut store).unwrap();
         }
-        let state = opt.export_state();
+        let state = opt.export_state().unwrap();
         assert_eq!(state.meta["optimizer"], kind);
         let slots: &[&str] = if kind == "SGD" { &["momentum_buffer"] } else { &["exp_avg", "exp_avg_sq"] };
         let mut want: Vec<String> = slots
@@ -359,7 +359,7 @@ fn importing_a_wrong_state_names_what_is_wrong() {
     set_grads(&mut store, &mut rng);
     let mut adam = Adam::new(AdamHyper::default()).unwrap();
     adam.step(&mut store).unwrap();
-    let good = adam.export_state();
+    let good = adam.export_state().unwrap();
     let mut sgd = Sgd::new(SgdHyper::default()).unwrap();
     sgd.step(&mut store).unwrap();
 
@@ -416,7 +416,7 @@ fn importing_a_wrong_state_names_what_is_wrong() {
     assert!(err(&mut adam, &s).contains("'betas'"));
 
     // A failed import leaves the optimizer as it was.
-    let before = adam.export_state();
+    let before = adam.export_state().unwrap();
     assert_eq!(before.tensors.keys().collect::<Vec<_>>(), good.tensors.keys().collect::<Vec<_>>());
     for (n, t) in &before.tensors {
         assert_eq!(t.data(), good.tensors[n].data(), "{n}");

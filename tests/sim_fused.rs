@@ -44,6 +44,11 @@ fn upload(gpu: &Gpu, dims: &[usize], data: &[f32]) -> GpuTensor {
     GpuTensor::upload(gpu, &Tensor::from_vec(dims, data.to_vec()).unwrap()).unwrap()
 }
 
+/// A loss's upstream gradient `v` as the tape passes it: a scalar on `like`'s device.
+fn upstream(like: &GpuTensor, v: f32) -> GpuTensor {
+    GpuTensor::full(like.gpu(), unet3d::Shape::new(&[]), v).unwrap()
+}
+
 fn check(what: &str, got: &GpuTensor, want: &[f32]) {
     let on = got.gpu().describe();
     let e = rel_err(got.to_host().unwrap().data(), want);
@@ -313,7 +318,7 @@ fn softmax_dice_ce_matches_the_cpu_for_each_dice_mode() {
                 cpu_loss::softmax_loss_backward(&xv, &lv, &wgrad, 0.8, &mut wgx);
                 check(
                     &format!("{what}: gx"),
-                    &loss::softmax_loss_backward(&x, &l, &grad, 0.8).unwrap(),
+                    &loss::softmax_loss_backward(&x, &l, &grad, &upstream(&x, 0.8)).unwrap(),
                     &wgx,
                 );
             }
@@ -360,7 +365,7 @@ fn dice_ce_matches_the_nnunet_fixtures() {
             );
             check(
                 &format!("dice_ce batch {batch_dice}: gx"),
-                &loss::softmax_loss_backward(&xg, &lg, &grad, 1.0).unwrap(),
+                &loss::softmax_loss_backward(&xg, &lg, &grad, &upstream(&xg, 1.0)).unwrap(),
                 get(&f, "gx").data(),
             );
         }
@@ -403,7 +408,7 @@ fn pointwise_losses_match_the_cpu() {
             cpu_loss::pointwise_backward(kind, &xv, &tv, slices, 0.3, &mut wgx);
             check(
                 &format!("{kind:?}: gx"),
-                &loss::pointwise_backward(kind, &x, &t, slices, 0.3).unwrap(),
+                &loss::pointwise_backward(kind, &x, &t, slices, 0.3, &upstream(&x, 1.0)).unwrap(),
                 &wgx,
             );
         }
@@ -427,7 +432,8 @@ fn pointwise_losses_match_the_pytorch_fixtures() {
             let scale = 1.0 / x.numel() as f64;
             let got = loss::pointwise_forward(kind, &xg, &tg, slices, scale).unwrap().value().unwrap();
             check_value(&format!("{file} loss"), got, f.get("loss").unwrap().item().unwrap() as f64);
-            let gx = loss::pointwise_backward(kind, &xg, &tg, slices, scale as f32).unwrap();
+            let gx =
+                loss::pointwise_backward(kind, &xg, &tg, slices, scale as f32, &upstream(&xg, 1.0)).unwrap();
             check(&format!("{file} gx"), &gx, get(&f, "gx").data());
         }
     });
@@ -452,7 +458,7 @@ fn bce_dice_and_masked_cosine_match_the_cpu() {
             cpu_loss::bce_dice_backward(&xv, &tv, &wgrad, 1.5, &mut wgx);
             check(
                 &format!("BCEDice {c} channels: gx"),
-                &loss::bce_dice_backward(&x, &t, &grad, 1.5).unwrap(),
+                &loss::bce_dice_backward(&x, &t, &grad, &upstream(&x, 1.5)).unwrap(),
                 &wgx,
             );
 
@@ -472,7 +478,7 @@ fn bce_dice_and_masked_cosine_match_the_cpu() {
             cpu_loss::masked_cosine_backward(&pc, &tc, c, wscale * 0.7, &mut wgx);
             check(
                 &format!("cosine {c} channels: gx"),
-                &loss::masked_cosine_backward(&p, &t, &grad, 0.7).unwrap(),
+                &loss::masked_cosine_backward(&p, &t, &grad, &upstream(&p, 0.7)).unwrap(),
                 &wgx,
             );
         }

@@ -305,7 +305,7 @@ fn sgd_nesterov_over_all_parameters_in_one_launch() {
                 .zip(b.iter_mut())
                 .map(|((param, grad), buf)| optim::SgdParam { param, grad, momentum: Some(buf) })
                 .collect();
-            optim::sgd_step(gpu, &mut segs, &h, first).unwrap();
+            optim::sgd_step(gpu, &mut optim::TableCache::default(), &mut segs, &h, first).unwrap();
             for (i, hp) in host.iter().enumerate() {
                 let (mut pw, mut bw) = (hp.p.clone(), hp.s1.clone());
                 cpu_optim::sgd_step(&mut pw, &hp.g, Some(&mut bw), first, &h);
@@ -323,7 +323,7 @@ fn sgd_nesterov_over_all_parameters_in_one_launch() {
             .zip(&g)
             .map(|(param, grad)| optim::SgdParam { param, grad, momentum: None })
             .collect();
-        optim::sgd_step(gpu, &mut segs, &plain, false).unwrap();
+        optim::sgd_step(gpu, &mut optim::TableCache::default(), &mut segs, &plain, false).unwrap();
         for (i, hp) in host.iter().enumerate() {
             let mut pw = hp.p.clone();
             cpu_optim::sgd_step(&mut pw, &hp.g, None, false, &plain);
@@ -333,7 +333,9 @@ fn sgd_nesterov_over_all_parameters_in_one_launch() {
         let mut q = gpu.upload(&[1.0f32; 5]).unwrap();
         let short = gpu.upload(&[1.0f32; 4]).unwrap();
         let mut segs = [optim::SgdParam { param: &mut q, grad: &short, momentum: None }];
-        let e = optim::sgd_step(gpu, &mut segs, &plain, false).unwrap_err().to_string();
+        let e = optim::sgd_step(gpu, &mut optim::TableCache::default(), &mut segs, &plain, false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("parameter 0 has 5 elements but its gradient has 4"), "{e}");
     });
 }
@@ -359,7 +361,7 @@ fn adam_and_adamw_over_all_parameters_in_one_launch() {
                     exp_avg_sq,
                 })
                 .collect();
-            optim::adam_step(gpu, &mut segs, 3, &h).unwrap();
+            optim::adam_step(gpu, &mut optim::TableCache::default(), &mut segs, 3, &h).unwrap();
             for (i, hp) in host.iter().enumerate() {
                 let (mut pw, mut mw, mut vw) = (hp.p.clone(), hp.s1.clone(), hp.s2.clone());
                 cpu_optim::adam_step(&mut pw, &hp.g, &mut mw, &mut vw, 3, &h);
@@ -378,10 +380,22 @@ fn global_gradient_norm() {
         let host = host_params(gpu, 400);
         let g: Vec<_> = host.iter().map(|h| gpu.upload(&h.g).unwrap()).collect();
         let refs: Vec<_> = g.iter().collect();
-        let got = optim::grad_norm(gpu, &refs).unwrap();
+        let mut tables = optim::TableCache::default();
+        let got = optim::grad_norm(gpu, &mut tables, &refs).unwrap();
         let want = host.iter().map(|h| cpu_optim::sum_squares(&h.g)).sum::<f64>().sqrt();
         assert!(((got - want) / want).abs() <= 1e-12, "grad norm {got} vs {want} on {}", gpu.describe());
-        assert_eq!(optim::grad_norm(gpu, &[]).unwrap(), 0.0);
+        // The same buffers again: the launch tables are reused, nothing goes up, the norm comes down.
+        let before = gpu.counters();
+        assert_eq!(optim::grad_norm(gpu, &mut tables, &refs).unwrap(), got);
+        let moved = gpu.counters().since(&before);
+        assert_eq!(moved.host_to_device_bytes, 0, "{moved}");
+        assert_eq!(moved.device_to_host_bytes, 8, "{moved}");
+        // Another set of buffers rebuilds them.
+        let fewer = &refs[1..];
+        let got = optim::grad_norm(gpu, &mut tables, fewer).unwrap();
+        let want = host[1..].iter().map(|h| cpu_optim::sum_squares(&h.g)).sum::<f64>().sqrt();
+        assert!(((got - want) / want).abs() <= 1e-12, "grad norm {got} vs {want} on {}", gpu.describe());
+        assert_eq!(optim::grad_norm(gpu, &mut tables, &[]).unwrap(), 0.0);
     });
 }
 

@@ -134,7 +134,8 @@ impl Graph {
     pub fn backward(&mut self, loss: Var, store: &mut ParamStore) -> anyhow::Result<()> {
         let shape = self.nodes[loss.0].shape.clone();
         anyhow::ensure!(shape.numel() == 1, "backward() needs a scalar loss, got shape {shape}");
-        self.backward_from(loss, Tensor::full(shape, 1.0), store)
+        let device = self.nodes[loss.0].value.as_ref().map_or(crate::device::Device::Cpu, Tensor::device);
+        self.backward_from(loss, Tensor::full_on(shape, 1.0, device)?, store)
     }
 
     /// Backward from `v` with an explicit upstream gradient shaped like `v`.
@@ -144,6 +145,13 @@ impl Graph {
             return Ok(());
         }
         self.nodes[v.0].grad = Some(grad);
+        // The closures hold what each backward reads; the op outputs themselves are not needed any
+        // more, so what no closure saved is freed before the first gradient is allocated.
+        for node in &mut self.nodes {
+            if node.backward.is_some() {
+                node.value = None;
+            }
+        }
         for i in (0..=v.0).rev() {
             let node = &mut self.nodes[i];
             let Some(g) = node.grad.take() else {
@@ -184,7 +192,7 @@ impl Graph {
                     target.shape.dims(),
                 )?;
                 match &mut target.grad {
-                    Some(acc) => params::add_into(acc, &gi),
+                    Some(acc) => params::add_into(acc, &gi)?,
                     slot @ None => *slot = Some(gi),
                 }
             }

@@ -1,5 +1,6 @@
 //! Named parameters and their accumulated gradients.
 
+use crate::device::{Device, kernels};
 use crate::tensor::Tensor;
 use std::collections::HashMap;
 
@@ -19,6 +20,10 @@ pub struct ParamStore {
     names: Vec<String>,
     values: Vec<Tensor>,
     grads: Vec<Option<Tensor>>,
+    /// Device gradients between steps: [`zero_grad`](Self::zero_grad) keeps their buffers here
+    /// and the next gradient is copied into them, so parameters, gradients and optimizer state keep
+    /// their addresses from step to step (the optimizer's launch tables then stay valid).
+    spare: Vec<Option<Tensor>>,
     index: HashMap<String, usize>,
 }
 
@@ -35,6 +40,7 @@ impl ParamStore {
         self.names.push(name.to_string());
         self.values.push(value);
         self.grads.push(None);
+        self.spare.push(None);
         Ok(ParamId(id))
     }
 
@@ -88,6 +94,30 @@ impl ParamStore {
         (&mut self.values[id.0], self.grads[id.0].as_ref())
     }
 
+    /// Every parameter's name, value and gradient at once, for optimizers that update all of
+    /// them in one launch.
+    pub fn entries_mut(&mut self) -> impl Iterator<Item = (&str, &mut Tensor, Option<&Tensor>)> {
+        self.names
+            .iter()
+            .map(String::as_str)
+            .zip(&mut self.values)
+            .zip(&self.grads)
+            .map(|((n, v), g)| (n, v, g.as_ref()))
+    }
+
+    /// Scales every gradient by `s` in place (on the gradients' device).
+    pub fn scale_grads(&mut self, s: f32) -> anyhow::Result<()> {
+        for (name, g) in self.names.iter().zip(&mut self.grads) {
+            let Some(g) = g else { continue };
+            if g.device() == Device::Cpu {
+                crate::device::cpu::optim::scale_in_place(g.data_mut(), s);
+            } else {
+                kernels::elementwise::scale_in_place(g.gpu_mut(&format!("gradient of '{name}'"))?, s)?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn grad_mut(&mut self, id: ParamId) -> Option<&mut Tensor> {
         self.grads[id.0].as_mut()
     }
@@ -96,22 +126,98 @@ impl ParamStore {
     pub fn accumulate_grad(&mut self, id: ParamId, g: Tensor) -> anyhow::Result<()> {
         let name = &self.names[id.0];
         g.expect_shape(&format!("gradient of '{name}'"), self.values[id.0].dims())?;
-        match &mut self.grads[id.0] {
-            Some(acc) => add_into(acc, &g),
-            slot @ None => *slot = Some(g),
+        crate::ops::same_device(&format!("gradient of '{name}'"), &[&self.values[id.0], &g])?;
+        match (&mut self.grads[id.0], self.spare[id.0].take()) {
+            (Some(acc), _) => add_into(acc, &g)?,
+            (slot @ None, Some(mut buf)) if buf.device() == g.device() => {
+                copy_into(&mut buf, &g)?;
+                *slot = Some(buf);
+            }
+            (slot @ None, _) => *slot = Some(g),
         }
         Ok(())
     }
 
-    /// Forgets every gradient (the next backward starts from zero).
+    /// Forgets every gradient (the next backward starts from zero); device gradients keep their
+    /// buffers for the next step.
     pub fn zero_grad(&mut self) {
-        self.grads.iter_mut().for_each(|g| *g = None);
+        for (g, spare) in self.grads.iter_mut().zip(&mut self.spare) {
+            match g.take() {
+                Some(t) if t.device() != Device::Cpu => *spare = Some(t),
+                _ => {}
+            }
+        }
+    }
+
+    /// The device the parameters live on (the CPU for an empty store).
+    pub fn device(&self) -> Device {
+        self.values.first().map_or(Device::Cpu, Tensor::device)
+    }
+
+    /// The one device every parameter and gradient lives on; an error naming `what` and the first
+    /// tensor elsewhere.
+    pub fn one_device(&self, what: &str) -> anyhow::Result<Device> {
+        let device = self.device();
+        let tensors = self.values.iter().map(|v| ("parameter", v)).zip(&self.names);
+        let grads = self
+            .grads
+            .iter()
+            .zip(&self.names)
+            .filter_map(|(g, n)| g.as_ref().map(|g| (("gradient of", g), n)));
+        for ((kind, t), name) in tensors.chain(grads) {
+            anyhow::ensure!(
+                t.device() == device,
+                "{what}: {kind} '{name}' is on {}, the parameters on {device}",
+                t.device()
+            );
+        }
+        Ok(device)
+    }
+
+    /// Moves every parameter and gradient to `device` (a copy per tensor that is elsewhere).
+    pub fn to_device(&mut self, device: Device) -> anyhow::Result<()> {
+        for (name, v) in self.names.iter().zip(&mut self.values) {
+            *v = v
+                .to_device(device)
+                .map_err(|e| e.context(format!("moving parameter '{name}' to {device}")))?;
+        }
+        for (name, g) in self.names.iter().zip(&mut self.grads) {
+            if let Some(t) = g {
+                *t =
+                    t.to_device(device).map_err(|e| e.context(format!("moving the gradient of '{name}'")))?;
+            }
+        }
+        self.spare.iter_mut().for_each(|s| *s = None);
+        Ok(())
+    }
+
+    /// A copy of the store on the host (what a checkpoint saves).
+    pub fn to_host(&self) -> anyhow::Result<ParamStore> {
+        let mut host = self.clone();
+        host.to_device(Device::Cpu)?;
+        Ok(host)
     }
 }
 
-/// `acc += g`, element-wise, for tensors of one shape.
-pub(crate) fn add_into(acc: &mut Tensor, g: &Tensor) {
-    for (a, b) in acc.data_mut().iter_mut().zip(g.data()) {
-        *a += *b;
+/// `acc += g`, element-wise, for tensors of one shape on one device (in place on a kernel device).
+pub(crate) fn add_into(acc: &mut Tensor, g: &Tensor) -> anyhow::Result<()> {
+    crate::ops::same_device("gradient accumulation", &[acc, g])?;
+    if acc.device() == Device::Cpu {
+        for (a, b) in acc.data_mut().iter_mut().zip(g.data()) {
+            *a += *b;
+        }
+        return Ok(());
     }
+    let g = g.gpu("gradient accumulation")?;
+    kernels::elementwise::axpy_in_place(acc.gpu_mut("gradient accumulation")?, 1.0, g)
+}
+
+/// `dst = src` into `dst`'s buffer (same shape and device), so a gradient keeps its buffer.
+fn copy_into(dst: &mut Tensor, src: &Tensor) -> anyhow::Result<()> {
+    let what = "gradient buffer";
+    let n = src.numel();
+    let s = src.gpu(what)?;
+    let d = dst.gpu_mut(what)?;
+    anyhow::ensure!(d.numel() == n, "{what}: {} elements into {}", n, d.numel());
+    kernels::elementwise::copy_into(d, s)
 }

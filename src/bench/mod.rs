@@ -1,7 +1,8 @@
-//! Kernel benchmarks: library functions that measure and return rows, for `unet3d bench` and
+//! Benchmarks: library functions that measure and return rows, for `unet3d bench` and
 //! `cargo bench` to print.
 
 pub mod conv;
+pub mod step;
 
 use std::time::Instant;
 

@@ -1,10 +1,16 @@
 //! `unet3d bench <kernel>`: kernel throughput tables.
 
 use crate::bench::conv::{self, ConvBenchOptions};
+use crate::bench::step::training_step_benchmark;
+use crate::cli::plan::PlanReport;
+use crate::config::ConfigArgs;
+use crate::device::Device;
 use crate::device::kernels::bench::{self as kernel_bench, KernelBenchOptions};
 use crate::device::launch::Gpu;
-use crate::model::{ArchConfig, Target, network};
+use crate::model::{ArchConfig, Target};
+use anyhow::Context;
 use clap::{Args, Subcommand};
+use std::path::PathBuf;
 
 /// Measure kernel throughput on this machine.
 #[derive(Args, Debug)]
@@ -35,15 +41,28 @@ enum Kernel {
         #[arg(long)]
         quick: bool,
     },
-    /// One training step (forward, deep-supervision Dice + CE, backward) on the CPU of the small
-    /// residual U-Net of the model fixture (features 8..64, 4 stages, 2 input channels, 3 classes):
-    /// median time and measured peak memory beside the planner's estimate.
+    /// One training step (batch upload, forward, deep-supervision Dice + CE, backward) of the model
+    /// fixture's small residual U-Net (features 8..64, 4 stages, 2 input channels, 3 classes) or of
+    /// a config's planned network: median time and measured peak memory beside the planner's
+    /// estimate, and on a kernel device the step's launches and host<->device bytes.
     Step {
-        /// Patch size (z, y, x); the strides need D divisible by 4 and H, W by 8.
-        #[arg(long, num_args = 3, default_values_t = [8, 32, 32])]
-        patch: Vec<usize>,
-        #[arg(long, default_value_t = 2)]
-        batch: usize,
+        /// cpu, sim (the CUDA kernels on the CPU: slow) or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: Device,
+        /// A training config: its planned network, patch and batch size (--patch and --batch
+        /// override them).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a config key (as `unet3d train --set`); needs --config.
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE", requires = "config")]
+        set: Vec<String>,
+        /// Patch size (z, y, x); the fixture's strides need D divisible by 4 and H, W by 8.
+        /// Default: the config's, or 8 32 32.
+        #[arg(long, num_args = 3)]
+        patch: Option<Vec<usize>>,
+        /// Default: the config's, or 2.
+        #[arg(long)]
+        batch: Option<usize>,
         #[arg(long, default_value_t = 3)]
         reps: usize,
     },
@@ -62,19 +81,35 @@ impl BenchArgs {
                 print!("{}", kernel_bench::report(&gpu, &KernelBenchOptions { quick })?);
                 Ok(())
             }
-            Kernel::Step { patch, batch, reps } => {
-                let patch = [patch[0], patch[1], patch[2]];
-                let arch = fixture_network(patch)?;
-                let b = network::training_step_benchmark(&arch, batch, patch, reps, 0)?;
+            Kernel::Step { device, config, set, patch, batch, reps } => {
+                let patch = patch.map(|p| [p[0], p[1], p[2]]);
+                let (arch, patch, batch) = match config {
+                    Some(path) => {
+                        let config = ConfigArgs { config: path.clone(), set }.load()?;
+                        let plan = PlanReport::new(&config)
+                            .with_context(|| format!("planning {}", path.display()))?;
+                        let patch = patch.unwrap_or(plan.patch);
+                        (plan.architecture, patch, batch.unwrap_or(config.tr_config.batch_size))
+                    }
+                    None => {
+                        let patch = patch.unwrap_or([8, 32, 32]);
+                        (fixture_network(patch)?, patch, batch.unwrap_or(2))
+                    }
+                };
+                let b = training_step_benchmark(&arch, device, batch, patch, reps, 0)?;
+                let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
                 println!(
-                    "{} stages, {} parameters, batch {batch}, patch {patch:?}: median step {:.3} s, \
-                     peak tensor memory {:.1} MiB (planner estimate without optimizer state {:.1} MiB)",
+                    "{} stages, {} parameters, batch {batch}, patch {patch:?} on {device}: median step {:.3} s, \
+                     peak memory {:.1} MiB (planner estimate without optimizer state {:.1} MiB)",
                     arch.n_stages(),
                     arch.param_count(),
                     b.median_secs,
-                    b.peak_bytes as f64 / (1u64 << 20) as f64,
-                    b.estimate.total() as f64 / (1u64 << 20) as f64,
+                    mib(b.peak_bytes),
+                    mib(b.estimate.total()),
                 );
+                if let Some(c) = &b.counters {
+                    println!("per step on {device}: {c}");
+                }
                 Ok(())
             }
         }

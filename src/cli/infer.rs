@@ -15,7 +15,6 @@ use crate::device::Device;
 use crate::infer::{
     Job, Mirroring, NetworkPredictor, OutputTarget, RunOptions, Shard, SlidingWindow, TilePredictor, run,
 };
-use crate::model::gpu::{GpuNetwork, GpuNetworkPredictor};
 use crate::model::{Network, init};
 use crate::train::checkpoint;
 
@@ -160,7 +159,7 @@ impl InferArgs {
         };
 
         let arch = config.architecture()?;
-        let (store, weights) = match (flags.random_weights, &ic.checkpoint_path) {
+        let (mut store, weights) = match (flags.random_weights, &ic.checkpoint_path) {
             (Some(seed), _) => (init::initialize(&arch, seed)?, json!({"random_weights": seed})),
             (None, Some(path)) => {
                 let store = checkpoint::load_weights(path, &arch)?;
@@ -185,14 +184,9 @@ impl InferArgs {
             })
             .collect();
         let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
-        let predictor = match device.gpu()? {
-            None => with_mirroring(NetworkPredictor::new(Network::new(&arch, &store)?, store, &names)?, ic),
-            Some(gpu) => {
-                let network =
-                    GpuNetwork::new(&gpu, &arch, &store).with_context(|| format!("device {device}"))?;
-                with_mirroring(GpuNetworkPredictor::new(network, &names)?, ic)
-            }
-        };
+        store.to_device(device).with_context(|| format!("device {device}"))?;
+        let predictor =
+            with_mirroring(NetworkPredictor::new(Network::new(&arch, &store)?, store, &names)?, ic);
 
         let cache = ChunkCache::new(flags.cache_mb << 20);
         let input = ZarrArray::open(Path::new(input_path), dc.in_channels, &cache)

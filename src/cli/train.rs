@@ -16,8 +16,8 @@ pub struct TrainArgs {
     #[command(flatten)]
     config: ConfigArgs,
     /// The device to train on instead of tr_setup.device: cpu, cuda:N, or sim (the CUDA kernels on
-    /// the CPU, slow, for checks). On a GPU device the forward and backward run there; the
-    /// optimizer steps on the host.
+    /// the CPU, slow, for checks). On a GPU device the whole step runs there: forward, backward,
+    /// accumulation, clipping and the optimizer.
     #[arg(long)]
     device: Option<Device>,
     /// Replace the checkpoints of an earlier run of the same tr_setup.model_name instead of

@@ -6,15 +6,17 @@
 //! the kernel's own declaration in the sim build, so a mismatched argument is an error on the sim
 //! before it can be undefined behaviour on a GPU.
 
+use std::collections::HashMap;
 use std::ffi::{CStr, c_char, c_void};
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{Result, bail, ensure};
 use cudarc::driver::CudaSlice;
 
+use super::Device;
 use super::cuda::CudaDevice;
 use super::sim::{SimDevice, SimMem};
 
@@ -228,7 +230,67 @@ enum Backend {
 
 struct GpuInner {
     id: u64,
+    device: Device,
     backend: Backend,
+    counters: Arc<Counters>,
+}
+
+/// What a kernel device has done since it was opened (or since [`Gpu::counters`] was last read
+/// for a delta): bytes copied each way, launches, and the live and peak bytes of its buffers.
+/// Exact on every device, the sim included, so transfer and memory budgets are testable here.
+#[derive(Default)]
+struct Counters {
+    host_to_device: AtomicU64,
+    device_to_host: AtomicU64,
+    launches: AtomicU64,
+    live: AtomicU64,
+    peak: AtomicU64,
+}
+
+impl Counters {
+    fn alloc(&self, bytes: u64) {
+        let live = self.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(live, Ordering::Relaxed);
+    }
+}
+
+/// A reading of a device's counters; subtract two readings for what happened between them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceCounters {
+    pub host_to_device_bytes: u64,
+    pub device_to_host_bytes: u64,
+    pub launches: u64,
+    /// Bytes of live buffers now.
+    pub live_bytes: u64,
+    /// The most bytes of live buffers since the last [`Gpu::reset_peak`].
+    pub peak_bytes: u64,
+}
+
+impl DeviceCounters {
+    /// What happened from `earlier` to `self` (transfers and launches as differences; the memory
+    /// figures are `self`'s).
+    pub fn since(&self, earlier: &DeviceCounters) -> DeviceCounters {
+        DeviceCounters {
+            host_to_device_bytes: self.host_to_device_bytes - earlier.host_to_device_bytes,
+            device_to_host_bytes: self.device_to_host_bytes - earlier.device_to_host_bytes,
+            launches: self.launches - earlier.launches,
+            ..*self
+        }
+    }
+}
+
+impl fmt::Display for DeviceCounters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        write!(
+            f,
+            "{} launches, {:.3} MiB up, {:.3} MiB down, device peak {:.1} MiB",
+            self.launches,
+            mib(self.host_to_device_bytes),
+            mib(self.device_to_host_bytes),
+            mib(self.peak_bytes)
+        )
+    }
 }
 
 /// A kernel device: a CUDA GPU or the sim. Cheap to clone (shared).
@@ -238,18 +300,70 @@ pub struct Gpu(Arc<GpuInner>);
 static NEXT_DEVICE_ID: AtomicU64 = AtomicU64::new(1);
 
 impl Gpu {
-    fn new(backend: Backend) -> Self {
-        Gpu(Arc::new(GpuInner { id: NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed), backend }))
+    fn new(device: Device, backend: Backend) -> Self {
+        let id = NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed);
+        Gpu(Arc::new(GpuInner { id, device, backend, counters: Arc::default() }))
     }
 
-    /// The sim device: the kernels compiled for the host, threads of a block as fibers.
+    /// A new sim device: the kernels compiled for the host, threads of a block as fibers. Tensors
+    /// of [`Device::Sim`] live on one shared instance ([`Gpu::of`]); a new one is another device.
     pub fn sim() -> Self {
-        Self::new(Backend::Sim(SimDevice))
+        Self::new(Device::Sim, Backend::Sim(SimDevice))
     }
 
-    /// CUDA device `ordinal`; an error (not a panic) without a driver, a GPU or embedded kernels.
+    /// CUDA device `ordinal`, opened anew (a context of its own); tensors use [`Gpu::of`]'s. An
+    /// error (not a panic) without a driver, a GPU or embedded kernels.
     pub fn cuda(ordinal: usize) -> Result<Self> {
-        Ok(Self::new(Backend::Cuda(CudaDevice::new(ordinal)?)))
+        Ok(Self::new(Device::Cuda(ordinal), Backend::Cuda(CudaDevice::new(ordinal)?)))
+    }
+
+    /// The one kernel device behind `device` for this process (opened on first use), which every
+    /// tensor of that device lives on; None for the CPU.
+    pub fn of(device: Device) -> Result<Option<Gpu>> {
+        static OPEN: OnceLock<Mutex<HashMap<Device, Gpu>>> = OnceLock::new();
+        if device == Device::Cpu {
+            return Ok(None);
+        }
+        let mut open = OPEN.get_or_init(Mutex::default).lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(g) = open.get(&device) {
+            return Ok(Some(g.clone()));
+        }
+        let gpu = match device {
+            Device::Sim => Gpu::sim(),
+            Device::Cuda(i) => Gpu::cuda(i)?,
+            Device::Cpu => unreachable!("returned above"),
+        };
+        open.insert(device, gpu.clone());
+        Ok(Some(gpu))
+    }
+
+    /// The device tag of tensors on this device.
+    pub fn device(&self) -> Device {
+        self.0.device
+    }
+
+    /// The counters now.
+    pub fn counters(&self) -> DeviceCounters {
+        let c = &self.0.counters;
+        DeviceCounters {
+            host_to_device_bytes: c.host_to_device.load(Ordering::Relaxed),
+            device_to_host_bytes: c.device_to_host.load(Ordering::Relaxed),
+            launches: c.launches.load(Ordering::Relaxed),
+            live_bytes: c.live.load(Ordering::Relaxed),
+            peak_bytes: c.peak.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Starts a new peak measurement from the bytes alive now.
+    pub fn reset_peak(&self) {
+        let c = &self.0.counters;
+        c.peak.store(c.live.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    fn buffer<T: DeviceScalar>(&self, len: usize, mem: Mem<T>) -> GpuBuffer<T> {
+        let bytes = (len * size_of::<T>()) as u64;
+        self.0.counters.alloc(bytes);
+        GpuBuffer { device: self.0.id, len, mem, counters: self.0.counters.clone() }
     }
 
     /// `sim`, `cuda` or `cuda:N`.
@@ -288,7 +402,7 @@ impl Gpu {
             Backend::Cuda(c) => Mem::Cuda(c.alloc(len)?),
             Backend::Sim(_) => Mem::Sim(SimMem::filled(len, 0xff)),
         };
-        Ok(GpuBuffer { device: self.0.id, len, mem })
+        Ok(self.buffer(len, mem))
     }
 
     pub fn zeros<T: DeviceScalar>(&self, len: usize) -> Result<GpuBuffer<T>> {
@@ -296,7 +410,7 @@ impl Gpu {
             Backend::Cuda(c) => Mem::Cuda(c.zeros(len)?),
             Backend::Sim(_) => Mem::Sim(SimMem::filled(len, 0)),
         };
-        Ok(GpuBuffer { device: self.0.id, len, mem })
+        Ok(self.buffer(len, mem))
     }
 
     /// Copies host data into a new buffer (asynchronously on a GPU: `data` may be reused at once).
@@ -305,12 +419,14 @@ impl Gpu {
             Backend::Cuda(c) => Mem::Cuda(c.upload(data)?),
             Backend::Sim(_) => Mem::Sim(SimMem::from_slice(data)),
         };
-        Ok(GpuBuffer { device: self.0.id, len: data.len(), mem })
+        self.0.counters.host_to_device.fetch_add(size_of_val(data) as u64, Ordering::Relaxed);
+        Ok(self.buffer(data.len(), mem))
     }
 
     /// Copies a buffer to the host, waiting for the kernels before it.
     pub fn download<T: DeviceScalar>(&self, buf: &GpuBuffer<T>) -> Result<Vec<T>> {
         self.check_owner(buf, "download")?;
+        self.0.counters.device_to_host.fetch_add((buf.len * size_of::<T>()) as u64, Ordering::Relaxed);
         match (&self.0.backend, &buf.mem) {
             (Backend::Cuda(c), Mem::Cuda(s)) => c.download(s, buf.len),
             (Backend::Sim(_), Mem::Sim(m)) => Ok(m.data().to_vec()),
@@ -386,6 +502,7 @@ impl Gpu {
                 );
             }
         }
+        self.0.counters.launches.fetch_add(1, Ordering::Relaxed);
         // The marshalling both devices take: one pointer per parameter, to that parameter's value.
         let mut ptrs: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
         match &self.0.backend {
@@ -417,6 +534,13 @@ pub struct GpuBuffer<T: DeviceScalar> {
     device: u64,
     len: usize,
     mem: Mem<T>,
+    counters: Arc<Counters>,
+}
+
+impl<T: DeviceScalar> Drop for GpuBuffer<T> {
+    fn drop(&mut self) {
+        self.counters.live.fetch_sub((self.len * size_of::<T>()) as u64, Ordering::Relaxed);
+    }
 }
 
 impl<T: DeviceScalar> GpuBuffer<T> {
@@ -426,6 +550,11 @@ impl<T: DeviceScalar> GpuBuffer<T> {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Whether the buffer belongs to `gpu`.
+    pub fn on(&self, gpu: &Gpu) -> bool {
+        self.device == gpu.0.id
     }
 
     /// The address kernels see, for tables of pointers that a kernel follows.

@@ -23,13 +23,10 @@ pub enum Device {
 }
 
 impl Device {
-    /// The kernel device behind a GPU device; None for the CPU backend.
+    /// The kernel device behind a GPU device (one per process, shared by all its tensors); None
+    /// for the CPU backend.
     pub fn gpu(self) -> anyhow::Result<Option<launch::Gpu>> {
-        match self {
-            Device::Cpu => Ok(None),
-            Device::Cuda(i) => launch::Gpu::cuda(i).map(Some),
-            Device::Sim => Ok(Some(launch::Gpu::sim())),
-        }
+        launch::Gpu::of(self)
     }
 }
 

@@ -1,11 +1,12 @@
 //! What predicts a batch of windows: the trained network, optionally with nnU-Net's mirroring
 //! test-time augmentation, or (in tests) any fixed model.
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 
 use crate::autograd::ParamStore;
 use crate::config::Activation;
 use crate::data::augment::spatial::flip_in_place;
+use crate::device::Device;
 use crate::model::{Architecture, Network};
 use crate::tensor::Tensor;
 
@@ -52,12 +53,18 @@ impl TilePredictor for NetworkPredictor {
         self.network.architecture().in_channels
     }
 
-    /// One batched forward pass: the CPU backend computes each sample of a batch exactly as it
-    /// would alone, so blocks and shards, which batch different windows together, give the same bytes.
+    /// One batched forward pass on the store's device (the batch uploaded, the written logits
+    /// downloaded). The CPU backend computes each sample of a batch exactly as it would alone,
+    /// so blocks and shards, which batch different windows together, give the same bytes.
     fn predict(&self, batch: &Tensor) -> Result<Vec<Tensor>> {
         let none = vec![Activation::None; self.network.architecture().targets.len()];
-        let all = self.network.predict(&self.store, batch, &none)?;
-        Ok(self.outputs.iter().map(|&t| all[t].clone()).collect())
+        let device = self.store.device();
+        let x = batch.to_device(device).with_context(|| format!("uploading a batch to {device}"))?;
+        let all = self.network.predict(&self.store, &x, &none)?;
+        self.outputs
+            .iter()
+            .map(|&t| all[t].to_device(Device::Cpu).context("downloading the logits"))
+            .collect()
     }
 }
 

@@ -2,7 +2,10 @@
 //! backward runs one kernel pass for d loss / d input. Targets are constants and get no gradient.
 
 use crate::autograd::{Graph, Var};
+use crate::device::Device;
 use crate::device::cpu::loss::{self as k, LabelSmoothing, Pointwise, Slices};
+use crate::device::kernels::{GpuTensor, elementwise as kge, loss as kg};
+use crate::ops::{elementwise::scaled, same_device};
 use crate::tensor::{Shape, Tensor};
 use anyhow::{Result, ensure};
 
@@ -42,13 +45,25 @@ impl Default for DiceCe {
     }
 }
 
-/// The tensors of a loss op's input and target, both on the CPU.
+/// The tensor of a loss op's input, checked to be non-empty and on the target's device.
 fn operands(g: &Graph, op: &str, input: Var, target: &Tensor) -> Result<Tensor> {
     let x = g.value(input).clone();
-    x.expect_cpu(&format!("{op} input"))?;
-    target.expect_cpu(&format!("{op} target"))?;
+    same_device(op, &[&x, target])?;
     ensure!(x.numel() > 0, "{op}: input of shape {} is empty", x.shape());
     Ok(x)
+}
+
+/// Records a loss computed on a kernel device: its value stays there as a one-element tensor, and
+/// the backward reads the upstream gradient there too.
+fn record_gpu(
+    g: &mut Graph,
+    op: &'static str,
+    input: Var,
+    value: &kg::GpuLoss,
+    backward: impl FnOnce(&GpuTensor) -> Result<GpuTensor> + 'static,
+) -> Result<Var> {
+    let y = Tensor::from_gpu(value.to_tensor()?);
+    Ok(g.record(op, y, &[input], move |gy| Ok(vec![Some(Tensor::from_gpu(backward(gy.gpu(op)?)?))])))
 }
 
 fn same_shape(op: &str, x: &Tensor, target: &Tensor) -> Result<()> {
@@ -72,8 +87,11 @@ fn label_dims(op: &str, logits: &Tensor, label: &Tensor) -> Result<(usize, usize
         label.shape(),
         logits.shape()
     );
-    if let Some((i, v)) =
-        label.data().iter().enumerate().find(|(_, v)| !(v.fract() == 0.0 && **v >= 0.0 && **v < c as f32))
+    // A label map on a kernel device is checked by the loss kernel itself, which makes the loss
+    // NaN for a value outside 0..C (reading the labels back here would cost a download).
+    if label.device() == Device::Cpu
+        && let Some((i, v)) =
+            label.data().iter().enumerate().find(|(_, v)| !(v.fract() == 0.0 && **v >= 0.0 && **v < c as f32))
     {
         anyhow::bail!("{op}: label value {v} at index {i} is not a class index in 0..{c}");
     }
@@ -107,6 +125,13 @@ fn softmax_op(
 ) -> Result<Var> {
     let x = operands(g, op, logits, label)?;
     let (n, c) = label_dims(op, &x, label)?;
+    if x.device() != Device::Cpu {
+        let (value, grad) = kg::softmax_loss_forward(x.gpu(op)?, label.gpu(op)?, &cfg)?;
+        let label = label.clone();
+        return record_gpu(g, op, logits, &value, move |gy| {
+            kg::softmax_loss_backward(x.gpu(op)?, label.gpu(op)?, &grad, gy)
+        });
+    }
     let (value, grad) = k::softmax_loss_forward(x.data(), label.data(), n, c, &cfg);
     let label = label.clone();
     Ok(record(g, op, logits, value, move |gy| {
@@ -169,12 +194,21 @@ pub fn pointwise(
     } else {
         Slices { depth: 1, len: x.numel() }
     };
+    let scale = reduction.scale(x.numel());
+    if x.device() != Device::Cpu {
+        // BCELoss on a kernel device: the kernel clamps the log terms as PyTorch does; inputs come
+        // from a sigmoid, so the host-side range check is left to the CPU backend.
+        let value = kg::pointwise_forward(kind, x.gpu(op)?, target.gpu(op)?, slices, scale)?;
+        let target = target.clone();
+        return record_gpu(g, op, pred, &value, move |gy| {
+            kg::pointwise_backward(kind, x.gpu(op)?, target.gpu(op)?, slices, scale as f32, gy)
+        });
+    }
     if kind == Pointwise::Bce
         && let Some((i, v)) = x.data().iter().enumerate().find(|(_, v)| !(0.0..=1.0).contains(*v))
     {
         anyhow::bail!("{op}: input value {v} at index {i} is not a probability in [0, 1]");
     }
-    let scale = reduction.scale(x.numel());
     let value = k::pointwise_forward(kind, x.data(), target.data(), slices, scale);
     let target = target.clone();
     Ok(record(g, op, pred, value, move |gy| {
@@ -190,6 +224,13 @@ pub fn bce_dice(g: &mut Graph, logits: Var, target: &Tensor, alpha: f64, beta: f
     let x = operands(g, op, logits, target)?;
     same_shape(op, &x, target)?;
     let cfg = k::BceDice { alpha, beta, smoothing: 0.1 };
+    if x.device() != Device::Cpu {
+        let (value, grad) = kg::bce_dice_forward(x.gpu(op)?, target.gpu(op)?, &cfg)?;
+        let target = target.clone();
+        return record_gpu(g, op, logits, &value, move |gy| {
+            kg::bce_dice_backward(x.gpu(op)?, target.gpu(op)?, &grad, gy)
+        });
+    }
     let (value, grad) = k::bce_dice_forward(x.data(), target.data(), x.shape().last(), &cfg);
     let target = target.clone();
     Ok(record(g, op, logits, value, move |gy| {
@@ -203,6 +244,13 @@ pub fn masked_cosine(g: &mut Graph, pred: Var, target: &Tensor) -> Result<Var> {
     let x = operands(g, op, pred, target)?;
     same_shape(op, &x, target)?;
     let c = x.shape().last();
+    if x.device() != Device::Cpu {
+        let (value, grad) = kg::masked_cosine_forward(x.gpu(op)?, target.gpu(op)?)?;
+        let target = target.clone();
+        return record_gpu(g, op, pred, &value, move |gy| {
+            kg::masked_cosine_backward(x.gpu(op)?, target.gpu(op)?, &grad, gy)
+        });
+    }
     let (value, scale) = k::masked_cosine_forward(x.data(), target.data(), c);
     let target = target.clone();
     Ok(record(g, op, pred, value, move |gy| {
@@ -213,6 +261,10 @@ pub fn masked_cosine(g: &mut Graph, pred: Var, target: &Tensor) -> Result<Var> {
 /// `sum_i w_i * loss_i` of one-element values: deep-supervision terms, or per-task losses.
 pub fn weighted_sum(g: &mut Graph, terms: &[(Var, f64)]) -> Result<Var> {
     ensure!(!terms.is_empty(), "weighted_sum needs at least one term");
+    let values: Vec<Tensor> = terms.iter().map(|&(v, _)| g.value(v).clone()).collect();
+    if same_device("weighted_sum", &values.iter().collect::<Vec<_>>())? != Device::Cpu {
+        return weighted_sum_gpu(g, terms, &values);
+    }
     let mut value = 0.0;
     let mut shapes: Vec<(Shape, f32)> = Vec::with_capacity(terms.len());
     for (i, &(v, w)) in terms.iter().enumerate() {
@@ -225,5 +277,23 @@ pub fn weighted_sum(g: &mut Graph, terms: &[(Var, f64)]) -> Result<Var> {
     Ok(g.record("weighted_sum", Tensor::scalar(value as f32), &vars, move |gy| {
         let gy = gy.item()?;
         Ok(shapes.into_iter().map(|(s, w)| Some(Tensor::full(s, gy * w))).collect())
+    }))
+}
+
+/// [`weighted_sum`] of one-element tensors on a kernel device, in float32 there.
+fn weighted_sum_gpu(g: &mut Graph, terms: &[(Var, f64)], values: &[Tensor]) -> Result<Var> {
+    let op = "weighted_sum";
+    for (i, t) in values.iter().enumerate() {
+        ensure!(t.numel() == 1, "{op}: term {i} has shape {}, expected one element", t.shape());
+    }
+    let mut total = scaled(&values[0].reshape(Shape::new(&[]))?, terms[0].1 as f32)?;
+    for (t, &(_, w)) in values.iter().zip(terms).skip(1) {
+        kge::axpy_in_place(total.gpu_mut(op)?, w as f32, &t.gpu(op)?.clone().reshape(Shape::new(&[]))?)?;
+    }
+    let shapes: Vec<(Shape, f32)> =
+        values.iter().zip(terms).map(|(t, &(_, w))| (t.shape().clone(), w as f32)).collect();
+    let vars: Vec<Var> = terms.iter().map(|&(v, _)| v).collect();
+    Ok(g.record(op, total, &vars, move |gy| {
+        shapes.into_iter().map(|(s, w)| Ok(Some(scaled(gy, w)?.reshape(s)?))).collect()
     }))
 }

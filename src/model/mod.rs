@@ -3,7 +3,6 @@
 //! training it takes.
 
 pub mod arch;
-pub mod gpu;
 pub mod init;
 pub mod network;
 pub mod params;
@@ -15,7 +14,7 @@ pub use arch::{
     ArchConfig, Architecture, Axes, Block, BlockKind, DecoderStage, EncoderBlock, Nonlin, Norm, PerStage,
     SePool, Target, se_reduced_channels,
 };
-pub use network::{Network, StepBenchmark, apply_activation, training_step_benchmark};
+pub use network::{Network, apply_activation};
 pub use params::ParamSpec;
 pub use plan::{Topology, get_pool_and_conv_props};
 pub use size::MemoryEstimate;

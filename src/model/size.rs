@@ -19,7 +19,7 @@ pub const MIN_BATCH_SIZE: usize = 2;
 /// counts each conv's output once; the tape also keeps the norm-act outputs, the residual sums,
 /// the pooled skips, the decoder's concatenations and the loss's buffers, and backward holds
 /// gradients of the skips while it works down. Measured with
-/// [`training_step_benchmark`](super::network::training_step_benchmark) (CPU, float32, Dice + CE
+/// [`training_step_benchmark`](crate::bench::step::training_step_benchmark) (CPU, float32, Dice + CE
 /// with deep supervision; tests/model.rs `measure_training_step`) as the peak-memory difference
 /// between batch 2 and batch 1, which weights and gradients cancel out of: 2.76 for the model fixture's network (8 to 64
 /// features) at 8x32x32 and 16x64x64, 2.80 for ResEncM at 64^3 (5 stages). The earlier derived

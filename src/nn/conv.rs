@@ -108,15 +108,38 @@ impl InstanceNorm {
         Ok(InstanceNorm { name: prefix.to_string(), affine, channels, eps: s.norm_eps, act })
     }
 
-    pub fn forward(&self, g: &mut Graph, store: &ParamStore, x: Var) -> Result<Var> {
-        let (gamma, beta) = match self.affine {
+    /// The affine parameters, or the identity affine made on `x`'s device.
+    fn affine(&self, g: &mut Graph, store: &ParamStore, x: Var) -> Result<(Var, Var)> {
+        Ok(match self.affine {
             Some((gamma, beta)) => (g.param(store, gamma), g.param(store, beta)),
             None => {
-                (g.constant(Tensor::full([self.channels], 1.0)), g.constant(Tensor::zeros([self.channels])))
+                let device = g.value(x).device();
+                let ones = Tensor::full_on([self.channels], 1.0, device)?;
+                (g.constant(ones), g.constant(Tensor::zeros_on([self.channels], device)?))
             }
-        };
+        })
+    }
+
+    pub fn forward(&self, g: &mut Graph, store: &ParamStore, x: Var) -> Result<Var> {
+        let (gamma, beta) = self.affine(g, store, x)?;
         norm::instance_norm_act(g, x, gamma, beta, self.eps, self.act)
             .with_context(|| format!("layer {}", self.name))
+    }
+
+    /// `act(norm(x) + residual)`: the norm's own activation must be none (a residual branch's
+    /// last norm); fused into one kernel pass on a kernel device.
+    pub fn forward_add_act(
+        &self,
+        g: &mut Graph,
+        store: &ParamStore,
+        x: Var,
+        residual: Var,
+        act: Act,
+    ) -> Result<Var> {
+        debug_assert_eq!(self.act, Act::None, "a residual branch's last norm has no activation of its own");
+        let (gamma, beta) = self.affine(g, store, x)?;
+        norm::instance_norm_add_act(g, x, gamma, beta, self.eps, residual, act)
+            .with_context(|| format!("layer {} with the residual", self.name))
     }
 }
 
@@ -124,8 +147,8 @@ impl InstanceNorm {
 /// the skip projection): `{prefix}.conv.*` and `{prefix}.norm.*`.
 #[derive(Debug, Clone)]
 pub struct ConvNormAct {
-    conv: Conv,
-    norm: InstanceNorm,
+    pub(super) conv: Conv,
+    pub(super) norm: InstanceNorm,
 }
 
 impl ConvNormAct {

@@ -90,8 +90,7 @@ pub struct ResidualBlock {
 
 impl ResidualBlock {
     /// The branch of block `b` under `prefix`: each conv's parameter name, spec and activation
-    /// (none on the last). One decision for the CPU layers and `model::gpu`, so both bind the
-    /// same parameters.
+    /// (none on the last).
     pub fn branch_convs(prefix: &str, b: &EncoderBlock, s: &LayerSettings) -> Vec<(String, ConvSpec, Act)> {
         let (cin, cout, bias) = (b.in_channels, b.out_channels, s.conv_bias);
         let conv = |cin, cout, kernel, stride| ConvSpec { cin, cout, kernel, stride, bias };
@@ -129,15 +128,21 @@ impl ResidualBlock {
         Ok(ResidualBlock { name: prefix.to_string(), branch, se, skip, act: s.act })
     }
 
+    /// Without squeeze-excitation the last norm, the residual add and the activation are one op
+    /// (one fused kernel on a kernel device); SE sits between the norm and the add.
     pub fn forward(&self, g: &mut Graph, store: &ParamStore, x: Var) -> Result<Var> {
+        let (last, convs) = self.branch.split_last().expect("a residual branch has at least two convs");
         let mut y = x;
-        for c in &self.branch {
+        for c in convs {
             y = c.forward(g, store, y)?;
         }
-        if let Some(se) = &self.se {
-            y = se.forward(g, store, y)?;
-        }
         let skip = self.skip.forward(g, store, x)?;
+        let Some(se) = &self.se else {
+            let y = last.conv.forward(g, store, y)?;
+            return last.norm.forward_add_act(g, store, y, skip, self.act);
+        };
+        let y = last.forward(g, store, y)?;
+        let y = se.forward(g, store, y)?;
         let sum = elementwise::add(g, y, skip).with_context(|| format!("residual add of {}", self.name))?;
         activation::activation(g, sum, self.act)
     }

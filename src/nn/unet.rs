@@ -18,8 +18,7 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    /// The stem conv's parameter name and spec; shared with `model::gpu` so both bind the same
-    /// parameter.
+    /// The stem conv's parameter name and spec.
     pub fn stem(arch: &Architecture, s: &LayerSettings) -> (&'static str, ConvSpec) {
         let spec = ConvSpec {
             cin: arch.in_channels,
@@ -73,7 +72,7 @@ pub struct Decoder {
 
 impl Decoder {
     /// The convs of decoder stage `st` under `prefix`: parameter name and spec, the first taking
-    /// the upsampled features concatenated with the skip. Shared with `model::gpu`.
+    /// the upsampled features concatenated with the skip.
     pub fn stage_convs(prefix: &str, st: &DecoderStage, s: &LayerSettings) -> Vec<(String, ConvSpec)> {
         (0..st.n_convs)
             .map(|j| {

@@ -5,9 +5,11 @@
 //! gradients need: the input for the weight gradient, the weight for the input gradient.
 
 use crate::autograd::{Graph, Var};
+use crate::device::Device;
 use crate::device::cpu::conv::{self as kernels, ConvDims, TransposedDims};
+use crate::device::kernels::conv::{self as kc, ConvPrecision};
 use crate::tensor::Tensor;
-use anyhow::Context;
+use anyhow::{Context, Result};
 
 /// The input's (N, D, H, W, C) and the 5-D weight's dims, checked: weight axis `w_in_axis` must
 /// match the input channels and the bias, if any, the length of axis `w_out_axis`.
@@ -19,9 +21,8 @@ fn check_operands(
     w_in_axis: usize,
     w_out_axis: usize,
 ) -> anyhow::Result<([usize; 5], [usize; 5])> {
-    for v in [Some(x), Some(w), b].into_iter().flatten() {
-        g.value(v).expect_cpu("convolution operand")?;
-    }
+    let operands: Vec<&Tensor> = [Some(x), Some(w), b].into_iter().flatten().map(|v| g.value(v)).collect();
+    super::same_device("convolution", &operands)?;
     let xd = g.shape(x).ndhwc()?;
     let wd: [usize; 5] = g
         .shape(w)
@@ -66,10 +67,96 @@ struct ConvOp<D> {
     data: GradFn<D>,
     /// (gw, gy, x)
     weight: GradFn<D>,
+    /// The passes on a kernel device.
+    gpu: GpuConv,
+}
+
+/// Which conv a kernel device runs, with what its wrappers need beyond the tensors.
+#[derive(Clone, Copy)]
+enum GpuConv {
+    Conv { kernel: [usize; 3], stride: [usize; 3] },
+    Transposed { stride: [usize; 3] },
+}
+
+/// fp32 on CUDA cores: parity with the CPU reference first (TF32 and bf16 selection is the
+/// tensor-core work's).
+const PRECISION: ConvPrecision = ConvPrecision::Fp32;
+
+/// The device half of [`record`]: forward on the kernels, backward recorded there too.
+fn record_gpu(
+    g: &mut Graph,
+    name: &'static str,
+    conv: GpuConv,
+    x: Var,
+    w: Var,
+    b: Option<Var>,
+) -> Result<Var> {
+    let (xt, wt) = (g.value(x).clone(), g.value(w).clone());
+    let bt = b.map(|b| g.value(b).clone());
+    let (xg, wg) = (xt.gpu(name)?, wt.gpu(name)?);
+    let bg = bt.as_ref().map(|t| t.gpu(name)).transpose()?;
+    let y = match conv {
+        GpuConv::Conv { stride, .. } => kc::conv3d_forward(xg, wg, bg, stride, PRECISION)?,
+        GpuConv::Transposed { stride } => kc::conv_transpose3d_forward(xg, wg, bg, stride, PRECISION)?,
+    };
+    let need_b = b.is_some_and(|b| g.requires_grad(b));
+    let saved_x = g.requires_grad(w).then(|| xt.clone());
+    let saved_w = g.requires_grad(x).then_some(wt);
+    let in_dims = xt.shape().ndhwc()?;
+    let inputs: Vec<Var> = [Some(x), Some(w), b].into_iter().flatten().collect();
+    Ok(g.record(name, Tensor::from_gpu(y), &inputs, move |gy| {
+        let gy = gy.gpu(name)?;
+        let gx = saved_w
+            .map(|w| -> Result<Tensor> {
+                let w = w.gpu(name)?;
+                Ok(Tensor::from_gpu(match conv {
+                    GpuConv::Conv { stride, .. } => kc::conv3d_backward_data(
+                        gy,
+                        w,
+                        [in_dims[1], in_dims[2], in_dims[3]],
+                        stride,
+                        PRECISION,
+                    )?,
+                    GpuConv::Transposed { stride } => {
+                        kc::conv_transpose3d_backward_data(gy, w, stride, PRECISION)?
+                    }
+                }))
+            })
+            .transpose()?;
+        let (gw, gb) = match saved_x {
+            Some(x) => {
+                let x = x.gpu(name)?;
+                let (gw, gb) = match conv {
+                    GpuConv::Conv { kernel, stride } => {
+                        kc::conv3d_backward_weight(gy, x, kernel, stride, PRECISION, need_b)?
+                    }
+                    GpuConv::Transposed { stride } => {
+                        kc::conv_transpose3d_backward_weight(gy, x, stride, PRECISION, need_b)?
+                    }
+                };
+                (Some(Tensor::from_gpu(gw)), gb)
+            }
+            None => (None, None),
+        };
+        // A bias gradient without a weight gradient comes from its own reduction.
+        let gb = match (need_b, gb) {
+            (true, Some(gb)) => Some(Tensor::from_gpu(gb)),
+            (true, None) => Some(Tensor::from_gpu(kc::bias_grad(gy)?)),
+            (false, _) => None,
+        };
+        let mut out = vec![gx, gw];
+        if b.is_some() {
+            out.push(gb);
+        }
+        Ok(out)
+    }))
 }
 
 /// Runs the forward and records a backward that computes only the wanted gradients.
-fn record<D: Copy + 'static>(g: &mut Graph, op: ConvOp<D>, x: Var, w: Var, b: Option<Var>) -> Var {
+fn record<D: Copy + 'static>(g: &mut Graph, op: ConvOp<D>, x: Var, w: Var, b: Option<Var>) -> Result<Var> {
+    if g.value(x).device() != Device::Cpu {
+        return record_gpu(g, op.name, op.gpu, x, w, b);
+    }
     let (xt, wt) = (g.value(x).clone(), g.value(w).clone());
     let bt = b.map(|b| g.value(b).clone());
     let y = compute(op.y_dims, |y| {
@@ -79,7 +166,7 @@ fn record<D: Copy + 'static>(g: &mut Graph, op: ConvOp<D>, x: Var, w: Var, b: Op
     let saved_x = g.requires_grad(w).then_some(xt);
     let saved_w = g.requires_grad(x).then_some(wt);
     let inputs: Vec<Var> = [Some(x), Some(w), b].into_iter().flatten().collect();
-    g.record(op.name, y, &inputs, move |gy| {
+    Ok(g.record(op.name, y, &inputs, move |gy| {
         let gy_data = gy.data();
         let gx = saved_w.map(|w| compute(op.x_dims, |gx| (op.data)(gx, gy_data, w.data(), &op.dims)));
         let gw = saved_x.map(|x| compute(op.w_dims, |gw| (op.weight)(gw, gy_data, x.data(), &op.dims)));
@@ -93,7 +180,7 @@ fn record<D: Copy + 'static>(g: &mut Graph, op: ConvOp<D>, x: Var, w: Var, b: Op
             }));
         }
         Ok(out)
-    })
+    }))
 }
 
 /// 3D convolution with "same" padding `(k - 1) / 2` per axis and the given stride:
@@ -115,8 +202,9 @@ pub fn conv3d(g: &mut Graph, x: Var, w: Var, b: Option<Var>, stride: [usize; 3])
         forward: kernels::conv3d_forward::<f32>,
         data: kernels::conv3d_backward_data::<f32>,
         weight: kernels::conv3d_backward_weight::<f32>,
+        gpu: GpuConv::Conv { kernel, stride },
     };
-    Ok(record(g, op, x, w, b))
+    record(g, op, x, w, b)
 }
 
 /// Transposed 3D convolution whose kernel equals its stride (the U-Net decoder's upsampling):
@@ -149,6 +237,7 @@ pub fn conv_transpose3d(
         forward: kernels::conv_transpose3d_forward::<f32>,
         data: kernels::conv_transpose3d_backward_data::<f32>,
         weight: kernels::conv_transpose3d_backward_weight::<f32>,
+        gpu: GpuConv::Transposed { stride },
     };
-    Ok(record(g, op, x, w, b))
+    record(g, op, x, w, b)
 }

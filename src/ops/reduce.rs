@@ -1,10 +1,13 @@
 //! Differentiable reductions: the mean over spatial axes that squeezes for squeeze-excitation, and
 //! the sum of all elements.
 
-use super::elementwise::{cpu_value, filled};
+use super::dev;
+use super::elementwise::{filled, value};
 use crate::autograd::{Graph, Var};
+use crate::device::Device;
 use crate::device::cpu::elementwise::Bcast;
 use crate::device::cpu::reduce as k;
+use crate::device::kernels::reduce as kg;
 use crate::tensor::{Shape, Tensor};
 use anyhow::{Result, ensure};
 
@@ -12,7 +15,7 @@ use anyhow::{Result, ensure};
 /// channels-last volume over (D, H, W); `[1, 2]` over (D, H) only, the dynamic_network_architectures
 /// squeeze-excitation quirk (reference-spec 2.3).
 pub fn mean_axes(g: &mut Graph, x: Var, axes: &[usize]) -> Result<Var> {
-    let tx = cpu_value(g, x, "mean input")?;
+    let tx = value(g, x);
     let dims = tx.dims();
     ensure!(
         axes.windows(2).all(|w| w[1] == w[0] + 1) && axes.iter().all(|&a| a < dims.len()),
@@ -24,8 +27,14 @@ pub fn mean_axes(g: &mut Graph, x: Var, axes: &[usize]) -> Result<Var> {
     let bc = Bcast::of(dims, &small).expect("contiguous axes form one run");
     ensure!(bc.mid > 0, "mean: axes {axes:?} of shape {} hold no elements", tx.shape());
     let small = Shape::from(small);
-    let y = filled(&small, |y| k::mean_mid(y, tx.data(), bc))?;
     let in_shape = tx.shape().clone();
+    if tx.device() != Device::Cpu {
+        let y = dev(kg::mean_over(tx.gpu("mean")?, small)?);
+        return Ok(g.record("mean", y, &[x], move |gy| {
+            Ok(vec![Some(dev(kg::mean_over_backward(gy.gpu("mean backward")?, in_shape)?))])
+        }));
+    }
+    let y = filled(&small, |y| k::mean_mid(y, tx.data(), bc))?;
     Ok(g.record("mean", y, &[x], move |gy| {
         Ok(vec![Some(filled(&in_shape, |gx| k::mean_mid_backward(gx, gy.data(), bc))?)])
     }))
@@ -33,8 +42,16 @@ pub fn mean_axes(g: &mut Graph, x: Var, axes: &[usize]) -> Result<Var> {
 
 /// The sum of every element, as a scalar (shape []).
 pub fn sum(g: &mut Graph, x: Var) -> Result<Var> {
-    let tx = cpu_value(g, x, "sum input")?;
-    let y = Tensor::scalar(k::sum_all(tx.data()));
+    let tx = value(g, x);
     let in_shape = tx.shape().clone();
+    if tx.device() != Device::Cpu {
+        let ones = Shape::from(vec![1; in_shape.rank()]);
+        let y = dev(kg::sum_over(tx.gpu("sum")?, ones.clone())?.reshape(Shape::new(&[]))?);
+        return Ok(g.record("sum", y, &[x], move |gy| {
+            let gy = gy.gpu("sum backward")?.clone().reshape(ones)?;
+            Ok(vec![Some(dev(kg::sum_over_backward(&gy, in_shape)?))])
+        }));
+    }
+    let y = Tensor::scalar(k::sum_all(tx.data()));
     Ok(g.record("sum", y, &[x], move |gy| Ok(vec![Some(Tensor::full(in_shape, gy.item()?))])))
 }

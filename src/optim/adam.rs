@@ -2,8 +2,10 @@
 
 use super::{Optimizer, OptimizerState, params_with_grads};
 use crate::device::cpu::optim::{AdamHyper, adam_step};
-use crate::{ParamStore, Tensor};
-use std::collections::BTreeMap;
+use crate::device::kernels::optim::{self as kernels, AdamParam, TableCache};
+use crate::device::launch::Gpu;
+use crate::{Device, ParamStore, Tensor};
+use std::collections::{BTreeMap, HashMap};
 
 const EXP_AVG: &str = "exp_avg";
 const EXP_AVG_SQ: &str = "exp_avg_sq";
@@ -45,41 +47,82 @@ struct Moments {
 }
 
 /// Adam or AdamW (after [`AdamHyper::decoupled`]), with bias correction; moments start at zero on
-/// a parameter's first step.
+/// a parameter's first step. The moments live on the parameters' device; on a kernel device one
+/// launch updates every parameter that has taken the same number of steps.
 pub struct Adam {
     hyper: AdamHyper,
     state: BTreeMap<String, Moments>,
+    /// One per group of parameters with the same step count (almost always one group).
+    tables: Vec<TableCache>,
 }
 
 impl Adam {
     pub fn new(hyper: AdamHyper) -> anyhow::Result<Self> {
         hyper.validate()?;
-        Ok(Adam { hyper, state: BTreeMap::new() })
+        Ok(Adam { hyper, state: BTreeMap::new(), tables: Vec::new() })
     }
 
     pub fn hyper(&self) -> &AdamHyper {
         &self.hyper
     }
+
+    /// The step on a kernel device: every parameter with a gradient and its moments (created
+    /// already) updated in place, one launch per step count.
+    fn device_step(&mut self, gpu: &Gpu, params: &mut ParamStore) -> anyhow::Result<()> {
+        let kind = self.hyper.kind();
+        let mut moments: HashMap<&str, &mut Moments> =
+            self.state.iter_mut().map(|(n, m)| (n.as_str(), m)).collect();
+        let mut groups: BTreeMap<u64, Vec<AdamParam<'_>>> = BTreeMap::new();
+        for (name, p, g) in params.entries_mut() {
+            let Some(g) = g else { continue };
+            let what = format!("{kind}: parameter '{name}'");
+            let m = moments.remove(name).expect("moments created for every parameter with a gradient");
+            m.step += 1;
+            groups.entry(m.step).or_default().push(AdamParam {
+                param: p.gpu_mut(&what)?.out()?,
+                grad: g.gpu(&what)?.buf(),
+                exp_avg: m.exp_avg.gpu_mut(&what)?.out()?,
+                exp_avg_sq: m.exp_avg_sq.gpu_mut(&what)?.out()?,
+            });
+        }
+        self.tables.resize_with(groups.len(), TableCache::default);
+        for ((step, mut group), tables) in groups.into_iter().zip(&mut self.tables) {
+            kernels::adam_step(gpu, tables, &mut group, step, &self.hyper)?;
+        }
+        Ok(())
+    }
 }
 
 impl Optimizer for Adam {
     fn step(&mut self, params: &mut ParamStore) -> anyhow::Result<()> {
-        let ids = params_with_grads(self.hyper.kind(), params, |name| {
-            self.state.get(name).map(|s| s.exp_avg.dims())
-        })?;
-        for id in ids {
-            let name = params.name(id).to_string();
-            let (p, g) = params.value_and_grad_mut(id);
-            let g = g.expect("checked to have a gradient").data();
-            let s = self.state.entry(name).or_insert_with(|| Moments {
-                exp_avg: Tensor::zeros(p.dims()),
-                exp_avg_sq: Tensor::zeros(p.dims()),
-                step: 0,
-            });
-            s.step += 1;
-            adam_step(p.data_mut(), g, s.exp_avg.data_mut(), s.exp_avg_sq.data_mut(), s.step, &self.hyper);
+        let (ids, device) =
+            params_with_grads(self.hyper.kind(), params, |name| self.state.get(name).map(|s| &s.exp_avg))?;
+        for &id in &ids {
+            let (name, dims) = (params.name(id), params.value(id).dims());
+            if !self.state.contains_key(name) {
+                let zeros = || Tensor::zeros_on(dims, device);
+                let m = Moments { exp_avg: zeros()?, exp_avg_sq: zeros()?, step: 0 };
+                self.state.insert(name.to_string(), m);
+            }
         }
-        Ok(())
+        let Some(gpu) = Gpu::of(device)? else {
+            for id in ids {
+                let s = self.state.get_mut(params.name(id)).expect("created above");
+                let (p, g) = params.value_and_grad_mut(id);
+                let g = g.expect("checked to have a gradient").data();
+                s.step += 1;
+                adam_step(
+                    p.data_mut(),
+                    g,
+                    s.exp_avg.data_mut(),
+                    s.exp_avg_sq.data_mut(),
+                    s.step,
+                    &self.hyper,
+                );
+            }
+            return Ok(());
+        };
+        self.device_step(&gpu, params)
     }
 
     fn lr(&self) -> f64 {
@@ -90,21 +133,21 @@ impl Optimizer for Adam {
         self.hyper.lr = lr;
     }
 
-    fn export_state(&self) -> OptimizerState {
+    fn export_state(&self) -> anyhow::Result<OptimizerState> {
         let mut tensors = BTreeMap::new();
         for (n, s) in &self.state {
-            tensors.insert(format!("{EXP_AVG}.{n}"), s.exp_avg.clone());
-            tensors.insert(format!("{EXP_AVG_SQ}.{n}"), s.exp_avg_sq.clone());
+            tensors.insert(format!("{EXP_AVG}.{n}"), s.exp_avg.to_device(Device::Cpu)?);
+            tensors.insert(format!("{EXP_AVG_SQ}.{n}"), s.exp_avg_sq.to_device(Device::Cpu)?);
         }
         let steps: BTreeMap<&str, u64> = self.state.iter().map(|(n, s)| (n.as_str(), s.step)).collect();
         let AdamHyper { lr, betas, eps, weight_decay, .. } = self.hyper;
-        OptimizerState {
+        Ok(OptimizerState {
             tensors,
             meta: serde_json::json!({
                 "optimizer": self.hyper.kind(), "lr": lr, "betas": [betas.0, betas.1], "eps": eps,
                 "weight_decay": weight_decay, "step": steps,
             }),
-        }
+        })
     }
 
     fn import_state(&mut self, params: &ParamStore, state: &OptimizerState) -> anyhow::Result<()> {
@@ -118,12 +161,14 @@ impl Optimizer for Adam {
         };
         hyper.validate()?;
         let mut steps: BTreeMap<String, u64> = state.meta_value("step")?;
+        let device = params.one_device("optimizer state")?;
         let mut moments = BTreeMap::new();
         for (name, ts) in state.by_param(params, &[EXP_AVG, EXP_AVG_SQ])? {
             let step = steps.remove(&name).filter(|&s| s >= 1).ok_or_else(|| {
                 anyhow::anyhow!("optimizer state: parameter '{name}' has moments but no step count >= 1")
             })?;
             let [exp_avg, exp_avg_sq] = <[Tensor; 2]>::try_from(ts).expect("one tensor per slot");
+            let (exp_avg, exp_avg_sq) = (exp_avg.to_device(device)?, exp_avg_sq.to_device(device)?);
             moments.insert(name, Moments { exp_avg, exp_avg_sq, step });
         }
         if let Some(name) = steps.keys().next() {

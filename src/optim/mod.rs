@@ -14,7 +14,7 @@ mod state;
 
 pub use crate::device::cpu::optim::{AdamHyper, SgdHyper};
 pub use adam::Adam;
-pub use clip::{clip_grad_norm, grad_norm};
+pub use clip::{GradNorm, clip_grad_norm, grad_norm};
 pub use schedule::LrSchedule;
 pub use sgd::Sgd;
 pub use state::OptimizerState;
@@ -34,38 +34,43 @@ pub trait Optimizer: Send {
     /// Sets the learning rate (schedules do, once per epoch).
     fn set_lr(&mut self, lr: f64);
 
-    /// The state (moments, step counts, hyperparameters) a checkpoint needs to resume exactly.
-    fn export_state(&self) -> OptimizerState;
+    /// The state (moments, step counts, hyperparameters) a checkpoint needs to resume exactly,
+    /// copied to the host.
+    fn export_state(&self) -> anyhow::Result<OptimizerState>;
 
     /// Replaces the state with `state`, hyperparameters included (as PyTorch's load_state_dict
-    /// does), after checking it against the optimizer kind and the parameters' names and shapes.
-    /// On error nothing changes.
+    /// does), after checking it against the optimizer kind and the parameters' names and shapes;
+    /// the state moves to the parameters' device. On error nothing changes.
     fn import_state(&mut self, params: &ParamStore, state: &OptimizerState) -> anyhow::Result<()>;
 }
 
-/// The parameters that have a gradient, after checking that each gradient, and the state tensor
-/// `state_dims(name)` reports for it, have the parameter's shape and live on the CPU.
+/// The parameters that have a gradient and their device, after checking that each gradient, and
+/// the state tensor `state(name)` holds for it, have the parameter's shape and device.
 fn params_with_grads<'a>(
     optimizer: &str,
     params: &ParamStore,
-    state_dims: impl Fn(&str) -> Option<&'a [usize]>,
-) -> anyhow::Result<Vec<ParamId>> {
+    state: impl Fn(&str) -> Option<&'a crate::Tensor>,
+) -> anyhow::Result<(Vec<ParamId>, crate::Device)> {
+    let device = params.one_device(optimizer)?;
     let mut ids = Vec::new();
     for id in params.ids() {
         let Some(g) = params.grad(id) else { continue };
         let (name, p) = (params.name(id), params.value(id));
-        p.expect_cpu(&format!("{optimizer}: parameter '{name}'"))?;
-        g.expect_cpu(&format!("{optimizer}: gradient of '{name}'"))?;
         g.expect_shape(&format!("{optimizer}: gradient of '{name}'"), p.dims())?;
-        if let Some(dims) = state_dims(name) {
+        if let Some(s) = state(name) {
             anyhow::ensure!(
-                dims == p.dims(),
+                s.dims() == p.dims(),
                 "{optimizer}: state of parameter '{name}' has shape {}, the parameter has {}",
-                crate::Shape::new(dims),
+                s.shape(),
                 p.shape()
+            );
+            anyhow::ensure!(
+                s.device() == device,
+                "{optimizer}: state of parameter '{name}' is on {}, the parameter on {device}",
+                s.device()
             );
         }
         ids.push(id);
     }
-    Ok(ids)
+    Ok((ids, device))
 }

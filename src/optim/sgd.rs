@@ -2,8 +2,10 @@
 
 use super::{Optimizer, OptimizerState, params_with_grads};
 use crate::device::cpu::optim::{SgdHyper, sgd_step};
-use crate::{ParamStore, Tensor};
-use std::collections::BTreeMap;
+use crate::device::kernels::optim::{self as kernels, SgdParam, TableCache};
+use crate::device::launch::Gpu;
+use crate::{Device, ParamStore, Tensor};
+use std::collections::{BTreeMap, HashMap};
 
 const KIND: &str = "SGD";
 const BUFFER: &str = "momentum_buffer";
@@ -30,26 +32,69 @@ impl SgdHyper {
     }
 }
 
-/// Stochastic gradient descent; with momentum, one buffer per parameter, created on its first step.
+/// Stochastic gradient descent; with momentum, one buffer per parameter, created on its first step
+/// on the parameters' device. On a kernel device one launch updates the parameters stepping for
+/// the first time and one the others.
 pub struct Sgd {
     hyper: SgdHyper,
     buffers: BTreeMap<String, Tensor>,
+    /// The launch tables of the [later, first] steps.
+    tables: [TableCache; 2],
 }
 
 impl Sgd {
     pub fn new(hyper: SgdHyper) -> anyhow::Result<Self> {
         hyper.validate()?;
-        Ok(Sgd { hyper, buffers: BTreeMap::new() })
+        Ok(Sgd { hyper, buffers: BTreeMap::new(), tables: Default::default() })
     }
 
     pub fn hyper(&self) -> &SgdHyper {
         &self.hyper
     }
+
+    /// The step on a kernel device, every parameter with a gradient updated in place.
+    fn device_step(&mut self, gpu: &Gpu, params: &mut ParamStore, device: Device) -> anyhow::Result<()> {
+        let momentum = self.hyper.momentum != 0.0;
+        let mut first = std::collections::HashSet::new();
+        if momentum {
+            for id in params.ids() {
+                let (name, p) = (params.name(id), params.value(id));
+                if params.grad(id).is_some() && !self.buffers.contains_key(name) {
+                    self.buffers.insert(name.to_string(), Tensor::zeros_on(p.dims(), device)?);
+                    first.insert(name.to_string());
+                }
+            }
+        }
+        let mut buffers: HashMap<&str, &mut Tensor> =
+            self.buffers.iter_mut().map(|(n, b)| (n.as_str(), b)).collect();
+        let mut groups: [Vec<SgdParam<'_>>; 2] = Default::default();
+        for (name, p, g) in params.entries_mut() {
+            let Some(g) = g else { continue };
+            let what = format!("{KIND}: parameter '{name}'");
+            let momentum = match momentum {
+                true => {
+                    Some(buffers.remove(name).expect("a buffer for every parameter").gpu_mut(&what)?.out()?)
+                }
+                false => None,
+            };
+            let param = SgdParam { param: p.gpu_mut(&what)?.out()?, grad: g.gpu(&what)?.buf(), momentum };
+            groups[usize::from(first.contains(name))].push(param);
+        }
+        for (i, (group, tables)) in groups.iter_mut().zip(&mut self.tables).enumerate() {
+            if !group.is_empty() {
+                kernels::sgd_step(gpu, tables, group, &self.hyper, i == 1)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Optimizer for Sgd {
     fn step(&mut self, params: &mut ParamStore) -> anyhow::Result<()> {
-        let ids = params_with_grads(KIND, params, |name| self.buffers.get(name).map(Tensor::dims))?;
+        let (ids, device) = params_with_grads(KIND, params, |name| self.buffers.get(name))?;
+        if let Some(gpu) = Gpu::of(device)? {
+            return self.device_step(&gpu, params, device);
+        }
         for id in ids {
             let name = params.name(id).to_string();
             let (p, g) = params.value_and_grad_mut(id);
@@ -73,15 +118,20 @@ impl Optimizer for Sgd {
         self.hyper.lr = lr;
     }
 
-    fn export_state(&self) -> OptimizerState {
+    fn export_state(&self) -> anyhow::Result<OptimizerState> {
         let SgdHyper { lr, momentum, nesterov, weight_decay } = self.hyper;
-        OptimizerState {
-            tensors: self.buffers.iter().map(|(n, b)| (format!("{BUFFER}.{n}"), b.clone())).collect(),
+        let tensors = self
+            .buffers
+            .iter()
+            .map(|(n, b)| Ok((format!("{BUFFER}.{n}"), b.to_device(Device::Cpu)?)))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(OptimizerState {
+            tensors,
             meta: serde_json::json!({
                 "optimizer": KIND, "lr": lr, "momentum": momentum, "nesterov": nesterov,
                 "weight_decay": weight_decay,
             }),
-        }
+        })
     }
 
     fn import_state(&mut self, params: &ParamStore, state: &OptimizerState) -> anyhow::Result<()> {
@@ -95,9 +145,14 @@ impl Optimizer for Sgd {
         hyper.validate()?;
         // Without momentum there are no buffers, so any tensor is an unknown slot.
         let slots: &[&str] = if hyper.momentum == 0.0 { &[] } else { &[BUFFER] };
-        let buffers = state.by_param(params, slots)?;
+        let device = params.one_device("optimizer state")?;
+        let buffers = state
+            .by_param(params, slots)?
+            .into_iter()
+            .map(|(n, mut ts)| Ok((n, ts.remove(0).to_device(device)?)))
+            .collect::<anyhow::Result<_>>()?;
         self.hyper = hyper;
-        self.buffers = buffers.into_iter().map(|(n, mut ts)| (n, ts.remove(0))).collect();
+        self.buffers = buffers;
         Ok(())
     }
 }

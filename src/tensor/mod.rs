@@ -1,4 +1,4 @@
-//! Float32 tensors with a shape, a device tag and shared, copy-on-write storage.
+//! Float32 tensors with a shape and shared, copy-on-write storage on the device they live on.
 
 pub mod io;
 pub mod layout;
@@ -8,6 +8,8 @@ mod shape;
 pub use shape::Shape;
 
 use crate::device::Device;
+use crate::device::kernels::GpuTensor;
+use crate::device::launch::Gpu;
 use std::sync::Arc;
 
 /// Storage whose bytes are counted by [`memory`] for as long as it lives.
@@ -32,17 +34,25 @@ impl Drop for Buffer {
     }
 }
 
-/// A float32 tensor. Cloning is cheap (the storage is shared); writing copies shared storage first.
+/// Where a tensor's elements are: host memory, or a kernel device's buffer.
+#[derive(Clone)]
+enum Storage {
+    Host(Arc<Buffer>),
+    Device(GpuTensor),
+}
+
+/// A float32 tensor on the CPU or on a kernel device (`sim`, `cuda:N`). Cloning is cheap (the
+/// storage is shared); writing copies shared storage first. Elements move between host and device
+/// only through [`Tensor::to_device`] (and [`Tensor::item`], which reads one element).
 #[derive(Clone)]
 pub struct Tensor {
     shape: Shape,
-    data: Arc<Buffer>,
-    device: Device,
+    storage: Storage,
 }
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tensor({}, {})", self.shape, self.device)
+        write!(f, "Tensor({}, {})", self.shape, self.device())
     }
 }
 
@@ -56,7 +66,12 @@ impl Tensor {
             data.len(),
             shape.numel()
         );
-        Ok(Tensor { shape, data: Arc::new(Buffer::new(data)), device: Device::Cpu })
+        Ok(Tensor { shape, storage: Storage::Host(Arc::new(Buffer::new(data))) })
+    }
+
+    /// A tensor over a kernel device's buffer.
+    pub fn from_gpu(t: GpuTensor) -> Self {
+        Tensor { shape: t.shape().clone(), storage: Storage::Device(t) }
     }
 
     pub fn zeros(shape: impl Into<Shape>) -> Self {
@@ -66,7 +81,19 @@ impl Tensor {
     pub fn full(shape: impl Into<Shape>, value: f32) -> Self {
         let shape = shape.into();
         let n = shape.numel();
-        Tensor { shape, data: Arc::new(Buffer::new(vec![value; n])), device: Device::Cpu }
+        Tensor { shape, storage: Storage::Host(Arc::new(Buffer::new(vec![value; n]))) }
+    }
+
+    /// `value` everywhere, made on `device` (filled there: nothing is copied from the host).
+    pub fn full_on(shape: impl Into<Shape>, value: f32, device: Device) -> anyhow::Result<Self> {
+        match Gpu::of(device)? {
+            None => Ok(Self::full(shape, value)),
+            Some(gpu) => Ok(Self::from_gpu(GpuTensor::full(&gpu, shape, value)?)),
+        }
+    }
+
+    pub fn zeros_on(shape: impl Into<Shape>, device: Device) -> anyhow::Result<Self> {
+        Self::full_on(shape, 0.0, device)
     }
 
     pub fn scalar(value: f32) -> Self {
@@ -86,34 +113,101 @@ impl Tensor {
     }
 
     pub fn device(&self) -> Device {
-        self.device
-    }
-
-    pub fn data(&self) -> &[f32] {
-        &self.data.0
-    }
-
-    /// Mutable access; copies the storage first if another tensor shares it.
-    pub fn data_mut(&mut self) -> &mut [f32] {
-        &mut Arc::make_mut(&mut self.data).0
-    }
-
-    pub fn to_vec(&self) -> Vec<f32> {
-        self.data.0.clone()
-    }
-
-    /// Takes the storage out, copying only if it is shared.
-    pub fn into_vec(self) -> Vec<f32> {
-        match Arc::try_unwrap(self.data) {
-            Ok(mut b) => std::mem::take(&mut b.0),
-            Err(shared) => shared.0.clone(),
+        match &self.storage {
+            Storage::Host(_) => Device::Cpu,
+            Storage::Device(t) => t.gpu().device(),
         }
     }
 
-    /// The value of a one-element tensor.
+    /// The elements in host memory. Only CPU tensors have them: the backends check the device at
+    /// every op boundary, so reaching this with a device tensor is a bug in unet3d, not bad input.
+    pub fn data(&self) -> &[f32] {
+        match &self.storage {
+            Storage::Host(b) => &b.0,
+            Storage::Device(_) => self.not_on_host(),
+        }
+    }
+
+    /// Mutable access; copies the storage first if another tensor shares it. CPU tensors only.
+    pub fn data_mut(&mut self) -> &mut [f32] {
+        if matches!(self.storage, Storage::Device(_)) {
+            self.not_on_host()
+        }
+        match &mut self.storage {
+            Storage::Host(b) => &mut Arc::make_mut(b).0,
+            Storage::Device(_) => unreachable!("checked above"),
+        }
+    }
+
+    fn not_on_host(&self) -> ! {
+        panic!(
+            "tensor {} is on {}, not in host memory: copy it with to_device(Device::Cpu)",
+            self.shape,
+            self.device()
+        )
+    }
+
+    /// The device buffer of a tensor on a kernel device; an error naming `what` for a CPU tensor.
+    pub fn gpu(&self, what: &str) -> anyhow::Result<&GpuTensor> {
+        match &self.storage {
+            Storage::Device(t) => Ok(t),
+            Storage::Host(_) => {
+                anyhow::bail!("{what}: tensor {} is on cpu, expected a kernel device", self.shape)
+            }
+        }
+    }
+
+    /// The device buffer for a kernel to write in place (copied first if shared).
+    pub fn gpu_mut(&mut self, what: &str) -> anyhow::Result<&mut GpuTensor> {
+        match &mut self.storage {
+            Storage::Device(t) => Ok(t),
+            Storage::Host(_) => {
+                anyhow::bail!("{what}: tensor {} is on cpu, expected a kernel device", self.shape)
+            }
+        }
+    }
+
+    /// The tensor on `device`: itself when it is there already, otherwise a copy (upload or
+    /// download; between two kernel devices through the host).
+    pub fn to_device(&self, device: Device) -> anyhow::Result<Tensor> {
+        if self.device() == device {
+            return Ok(self.clone());
+        }
+        let host = match &self.storage {
+            Storage::Host(_) => self.clone(),
+            Storage::Device(t) => t.to_host()?.reshape(self.shape.clone())?,
+        };
+        match Gpu::of(device)? {
+            None => Ok(host),
+            Some(gpu) => Ok(Tensor::from_gpu(GpuTensor::from_host(&gpu, self.shape.clone(), host.data())?)),
+        }
+    }
+
+    /// A copy of the host elements (CPU tensors only, as [`data`](Self::data)).
+    pub fn to_vec(&self) -> Vec<f32> {
+        self.data().to_vec()
+    }
+
+    /// Takes the host storage out, copying only if it is shared (CPU tensors only).
+    pub fn into_vec(self) -> Vec<f32> {
+        match self.storage {
+            Storage::Host(b) => match Arc::try_unwrap(b) {
+                Ok(mut b) => std::mem::take(&mut b.0),
+                Err(shared) => shared.0.clone(),
+            },
+            Storage::Device(t) => {
+                panic!("tensor {} is on {}, not in host memory", self.shape, t.gpu().device())
+            }
+        }
+    }
+
+    /// The value of a one-element tensor (read from the device when it lives on one).
     pub fn item(&self) -> anyhow::Result<f32> {
         anyhow::ensure!(self.numel() == 1, "item() needs one element, tensor has shape {}", self.shape);
-        Ok(self.data.0[0])
+        match &self.storage {
+            Storage::Host(b) => Ok(b.0[0]),
+            Storage::Device(t) => Ok(t.to_vec()?[0]),
+        }
     }
 
     /// Same storage under a new shape with the same element count.
@@ -124,7 +218,11 @@ impl Tensor {
             "cannot reshape {} into {shape}: element counts differ",
             self.shape
         );
-        Ok(Tensor { shape, data: self.data.clone(), device: self.device })
+        let storage = match &self.storage {
+            Storage::Host(b) => Storage::Host(b.clone()),
+            Storage::Device(t) => Storage::Device(t.clone().reshape(shape.clone())?),
+        };
+        Ok(Tensor { shape, storage })
     }
 
     /// Fails with a message naming `what` unless the shape is exactly `expected`.
@@ -140,7 +238,7 @@ impl Tensor {
 
     /// Fails unless the tensor lives on the CPU; the ops of this backend read host memory.
     pub fn expect_cpu(&self, what: &str) -> anyhow::Result<()> {
-        anyhow::ensure!(self.device == Device::Cpu, "{what}: tensor is on {}, expected cpu", self.device);
+        anyhow::ensure!(self.device() == Device::Cpu, "{what}: tensor is on {}, expected cpu", self.device());
         Ok(())
     }
 }

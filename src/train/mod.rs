@@ -3,7 +3,6 @@
 pub mod checkpoint;
 pub mod data;
 pub mod gif;
-mod gpu_step;
 pub mod log;
 pub mod metrics;
 pub mod tensorboard;

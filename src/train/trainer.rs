@@ -1,7 +1,6 @@
 //! The training loop: per-target losses with deep supervision, gradient accumulation and clipping,
 //! the optimizer and its per-epoch schedule, validation, checkpoints, GIFs and logs.
 
-use std::cell::RefCell;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -10,7 +9,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::checkpoint::{self, TrainingState};
 use super::gif::{self, Panel};
-use super::gpu_step::GpuStep;
 use super::log::Logger;
 use super::metrics::{self, Accumulator, Decision, Score, Scoring, Validation};
 use crate::autograd::{Graph, ParamStore, Var};
@@ -18,11 +16,12 @@ use crate::cli::plan::PlanReport;
 use crate::config::{Config, OptimizerConfig, TargetConfig};
 use crate::data::Batch;
 use crate::data::normalize::CtStats;
-use crate::device::cpu::optim::scale_in_place;
+use crate::device::Device;
+use crate::device::launch::{DeviceCounters, Gpu};
 use crate::loss;
 use crate::model::{Architecture, Network, apply_activation, init};
 use crate::ops::activation as act;
-use crate::optim::{Adam, Optimizer, Sgd, clip_grad_norm, grad_norm};
+use crate::optim::{Adam, GradNorm, Optimizer, Sgd};
 use crate::tensor::Tensor;
 
 /// Where batches come from. The real loader draws training batch `i` from (seed, i), so a resumed
@@ -59,6 +58,8 @@ pub struct EpochReport {
     pub validation: Option<Validation>,
     pub ema_dice: Option<f64>,
     pub checkpoint: PathBuf,
+    /// What the epoch's training and validation moved and launched on a kernel device.
+    pub device: Option<DeviceCounters>,
 }
 
 #[derive(Debug, Clone)]
@@ -73,11 +74,13 @@ pub struct Trainer {
     config: Config,
     arch: Architecture,
     net: Network,
-    /// The step's network on `tr_setup.device` when that is a GPU device (None: the CPU tape).
-    /// In a cell because validation, a `&self` pass, runs its forward too.
-    gpu: Option<RefCell<GpuStep>>,
+    /// `tr_setup.device`, where the parameters, gradients and optimizer state live.
+    device: Device,
+    /// The kernel device behind `device` (None on the CPU), for its counters.
+    gpu: Option<Gpu>,
     store: ParamStore,
     optimizer: Box<dyn Optimizer>,
+    clip: GradNorm,
     state: TrainingState,
     /// Whether the run continues a checkpoint's training state.
     resumed: bool,
@@ -126,18 +129,15 @@ impl Trainer {
             config_sets: source.sets.clone(),
             ct_stats: None,
         };
-        let (store, state, resumed) = match &setup.checkpoint_path {
-            None => (init::initialize(&arch, setup.seed)?, fresh, false),
+        let (mut store, state, resumed, moments) = match &setup.checkpoint_path {
+            None => (init::initialize(&arch, setup.seed)?, fresh, false, None),
             Some(p) if setup.load_weights_only => {
                 let store = checkpoint::load_weights(p, &arch).context("tr_setup.checkpoint_path")?;
                 println!("fine-tuning from the weights of {} (epoch 0, fresh optimizer)", p.display());
-                (store, fresh, false)
+                (store, fresh, false, None)
             }
             Some(p) => {
                 let ck = checkpoint::load(p, &arch).context("tr_setup.checkpoint_path")?;
-                optimizer
-                    .import_state(&ck.store, &ck.optimizer)
-                    .with_context(|| format!("checkpoint {}: optimizer state", p.display()))?;
                 if ck.state.seed != setup.seed {
                     eprintln!(
                         "warning: checkpoint {} was trained with tr_setup.seed {}, this run has {}: \
@@ -155,20 +155,26 @@ impl Trainer {
                 );
                 let state =
                     TrainingState { seed: setup.seed, model_name: setup.model_name.clone(), ..ck.state };
-                (ck.store, state, true)
+                (ck.store, state, true, Some((p.clone(), ck.optimizer)))
             }
         };
+        let device = setup.device;
+        store.to_device(device).with_context(|| format!("tr_setup.device {device}"))?;
+        if let Some((p, moments)) = moments {
+            optimizer
+                .import_state(&store, &moments)
+                .with_context(|| format!("checkpoint {}: optimizer state", p.display()))?;
+        }
         let net = Network::new(&arch, &store)?;
-        let gpu = gpu
-            .map(|g| GpuStep::new(&g, &arch, &store, &config.dataset_config.targets).map(RefCell::new))
-            .transpose()?;
         Ok(Trainer {
             config,
             arch,
             net,
+            device,
             gpu,
             store,
             optimizer,
+            clip: GradNorm::default(),
             state,
             resumed,
             overwrite: false,
@@ -180,6 +186,7 @@ impl Trainer {
         &self.arch
     }
 
+    /// The parameters, on the training device.
     pub fn store(&self) -> &ParamStore {
         &self.store
     }
@@ -239,6 +246,10 @@ impl Trainer {
         for epoch in self.state.epochs_done..end {
             let lr = tr.scheduler.lr(tr.optimizer.initial_lr(), epoch)?;
             self.optimizer.set_lr(lr);
+            let before = self.gpu.as_ref().map(|g| {
+                g.reset_peak();
+                g.counters()
+            });
             let train =
                 self.train_epoch(data, epoch, lr).with_context(|| format!("training epoch {}", epoch + 1))?;
             let (validation, panels) =
@@ -253,19 +264,17 @@ impl Trainer {
                         (Some(e), Some(epoch + 1), true);
                 }
             }
+            let device = self.gpu.as_ref().zip(before).map(|(g, b)| g.counters().since(&b));
             self.state.epochs_done = epoch + 1;
             let path = checkpoint::epoch_path(&dir, &model, epoch + 1);
-            let opt = self.optimizer.export_state();
-            checkpoint::save(&path, &self.arch, &self.store, &opt, &self.state)?;
+            // One download per save: the parameters and the optimizer state.
+            let host = self.store.to_host().context("copying the parameters for the checkpoint")?;
+            let opt =
+                self.optimizer.export_state().context("copying the optimizer state for the checkpoint")?;
+            checkpoint::save(&path, &self.arch, &host, &opt, &self.state)?;
             checkpoint::prune(&dir, &model, self.config.tr_setup.checkpoints_kept)?;
             if improved {
-                checkpoint::save(
-                    &checkpoint::best_path(&dir, &model),
-                    &self.arch,
-                    &self.store,
-                    &opt,
-                    &self.state,
-                )?;
+                checkpoint::save(&checkpoint::best_path(&dir, &model), &self.arch, &host, &opt, &self.state)?;
             }
             if let Some((top, bottom)) = panels {
                 let gif_path = dir.join(format!("{model}_gifs")).join(format!("epoch_{:04}.gif", epoch + 1));
@@ -285,6 +294,14 @@ impl Trainer {
             if let Some(e) = self.state.ema_dice {
                 scalars.push(("val/ema_dice".to_string(), e));
             }
+            if let Some(c) = &device {
+                scalars.extend([
+                    ("device/host_to_device_mib".to_string(), c.host_to_device_bytes as f64 / MIB),
+                    ("device/device_to_host_mib".to_string(), c.device_to_host_bytes as f64 / MIB),
+                    ("device/launches".to_string(), c.launches as f64),
+                    ("device/peak_mib".to_string(), c.peak_bytes as f64 / MIB),
+                ]);
+            }
             logger.scalars(self.state.global_step, epoch + 1, &scalars)?;
             let report = EpochReport {
                 epoch,
@@ -295,6 +312,7 @@ impl Trainer {
                 validation,
                 ema_dice: self.state.ema_dice,
                 checkpoint: path,
+                device,
             };
             println!("{}", describe_epoch(&report, tr.max_epoch));
             epochs.push(report);
@@ -302,7 +320,8 @@ impl Trainer {
         let final_model = (self.state.epochs_done >= tr.max_epoch)
             .then(|| -> Result<PathBuf> {
                 let p = checkpoint::final_path(&dir, &model);
-                checkpoint::save_weights(&p, &self.arch, &self.store, self.state.ct_stats.as_ref())?;
+                let host = self.store.to_host().context("copying the parameters for the final model")?;
+                checkpoint::save_weights(&p, &self.arch, &host, self.state.ct_stats.as_ref())?;
                 Ok(p)
             })
             .transpose()?;
@@ -331,8 +350,8 @@ impl Trainer {
             .collect()
     }
 
-    /// Per target (config order) the batch's label maps for the network's `heads` outputs,
-    /// after checking that the batch has the config's targets at enough scales.
+    /// Per target (config order) the batch's label maps for the network's `heads` outputs on the
+    /// training device, after checking that the batch has the config's targets at enough scales.
     fn batch_labels(&self, batch: &Batch, heads: usize) -> Result<Vec<Vec<Tensor>>> {
         let targets = &self.config.dataset_config.targets;
         ensure!(
@@ -353,7 +372,13 @@ impl Trainer {
                     tb.scales.len(),
                     heads
                 );
-                Ok(tb.scales[..heads].to_vec())
+                tb.scales[..heads]
+                    .iter()
+                    .map(|l| {
+                        l.to_device(self.device)
+                            .with_context(|| format!("uploading the labels of '{}'", t.name))
+                    })
+                    .collect()
             })
             .collect()
     }
@@ -374,21 +399,7 @@ impl Trainer {
             if index == 0 {
                 bar.suspend(|| println!("{}", describe_batch(&batch)));
             }
-            let values = if self.gpu.is_some() {
-                self.gpu_step(&batch, accum)?
-            } else {
-                let mut g = Graph::new();
-                let x = g.constant(batch.input.clone());
-                let outputs = self.net.forward(&mut g, &self.store, x)?;
-                let losses = self.target_losses(&mut g, &batch, &outputs)?;
-                let values: Vec<f64> =
-                    losses.iter().map(|&l| g.value(l).item().map(f64::from)).collect::<Result<_>>()?;
-                let terms: Vec<(Var, f64)> =
-                    losses.iter().zip(targets).map(|(&l, t)| (l, t.weight / accum as f64)).collect();
-                let total = loss::weighted_sum(&mut g, &terms)?;
-                g.backward(total, &mut self.store)?;
-                values
-            };
+            let values = self.train_step(&batch, accum)?;
             let weighted: f64 = values.iter().zip(targets).map(|(v, t)| v * t.weight).sum();
             loss_sum += weighted;
             target_sums.iter_mut().zip(&values).for_each(|(s, v)| *s += v);
@@ -397,7 +408,7 @@ impl Trainer {
             if in_group == accum || i + 1 == steps {
                 if in_group < accum {
                     // A short last group: its gradient is the mean of fewer batches.
-                    self.scale_grads(accum as f32 / in_group as f32);
+                    self.store.scale_grads(accum as f32 / in_group as f32)?;
                 }
                 if let Some(n) = self.optimizer_step()? {
                     norm_sum += n;
@@ -424,41 +435,33 @@ impl Trainer {
         })
     }
 
-    /// One step's forward and backward on the device: the per-target loss values (from the
-    /// downloaded heads, by the CPU's loss code) and the gradients added to the store's, with the
-    /// weights of the CPU step.
-    fn gpu_step(&mut self, batch: &Batch, accum: usize) -> Result<Vec<f64>> {
-        let mut step = self.gpu.as_ref().expect("a GPU device").borrow_mut();
-        let heads = step.forward(&self.store, &batch.input)?;
-        let labels = self.batch_labels(batch, heads)?;
+    /// One step's forward and backward on the training device, the gradients added to the
+    /// store's: the batch and labels go up, the per-target loss values (one float each) come down.
+    fn train_step(&mut self, batch: &Batch, accum: usize) -> Result<Vec<f64>> {
+        let mut g = Graph::new();
+        let x = g.constant(batch.input.to_device(self.device).context("uploading the batch")?);
+        let outputs = self.net.forward(&mut g, &self.store, x)?;
+        let losses = self.target_losses(&mut g, batch, &outputs)?;
+        let values: Vec<f64> =
+            losses.iter().map(|&l| g.value(l).item().map(f64::from)).collect::<Result<_>>()?;
         let targets = &self.config.dataset_config.targets;
-        let loss_fns: Vec<loss::Loss> = targets.iter().map(|t| t.loss).collect();
-        let weights: Vec<f64> = targets.iter().map(|t| t.weight / accum as f64).collect();
-        let ds = loss::deep_supervision_weights(heads);
-        Ok(step.backward(&mut self.store, &labels, &loss_fns, &weights, &ds)?.per_target)
-    }
-
-    fn scale_grads(&mut self, s: f32) {
-        for id in self.store.ids().collect::<Vec<_>>() {
-            if let Some(g) = self.store.grad_mut(id) {
-                scale_in_place(g.data_mut(), s);
-            }
-        }
+        let terms: Vec<(Var, f64)> =
+            losses.iter().zip(targets).map(|(&l, t)| (l, t.weight / accum as f64)).collect();
+        let total = loss::weighted_sum(&mut g, &terms)?;
+        g.backward(total, &mut self.store)?;
+        Ok(values)
     }
 
     /// Clips the accumulated (mean) gradient, steps, and forgets the gradient. A non-finite
     /// gradient norm skips the step (returns None) rather than poisoning the weights.
     fn optimizer_step(&mut self) -> Result<Option<f64>> {
         let norm = match self.config.tr_config.grad_clip_max_norm {
-            Some(max) => clip_grad_norm(&mut self.store, max)?,
-            None => grad_norm(&self.store)?,
+            Some(max) => self.clip.clip(&mut self.store, max)?,
+            None => self.clip.measure(&self.store)?,
         };
         let stepped = if norm.is_finite() {
             self.optimizer.step(&mut self.store)?;
             self.state.optimizer_steps += 1;
-            if let Some(gpu) = &self.gpu {
-                gpu.borrow_mut().parameters_changed();
-            }
             Some(norm)
         } else {
             eprintln!("warning: gradient norm {norm} at batch {}: step skipped", self.state.global_step);
@@ -496,24 +499,18 @@ impl Trainer {
             }
             let batch = batch.with_context(|| format!("validation batch {b}"))?;
             let mut g = Graph::no_grad();
-            let outputs = match &self.gpu {
-                Some(gpu) => gpu.borrow_mut().forward_heads(&mut g, &self.store, &batch.input)?,
-                None => {
-                    let x = g.constant(batch.input.clone());
-                    self.net.forward(&mut g, &self.store, x)?
-                }
-            };
+            let x = g.constant(batch.input.to_device(self.device).context("uploading the batch")?);
+            let outputs = self.net.forward(&mut g, &self.store, x)?;
             let losses = self.target_losses(&mut g, &batch, &outputs)?;
             let mut shown = Vec::new();
             for (t, (heads, &l)) in outputs.iter().zip(&losses).enumerate() {
                 let (scoring, activation) = acc.scoring(t);
                 let output = match scoring {
-                    Scoring::Segmentation(_) => g.value(heads[0]).clone(),
-                    Scoring::Regression => {
-                        let y = apply_activation(&mut g, heads[0], activation)?;
-                        g.value(y).clone()
-                    }
+                    Scoring::Segmentation(_) => heads[0],
+                    Scoring::Regression => apply_activation(&mut g, heads[0], activation)?,
                 };
+                // The metrics read the full-resolution output on the host: one download per head.
+                let output = g.value(output).to_device(Device::Cpu).context("downloading an output")?;
                 let loss = f64::from(g.value(l).item()?);
                 acc.add(t, loss, &output, &batch.targets[t].scales[0])?;
                 shown.push((scoring, output));
@@ -610,6 +607,8 @@ pub fn describe_batch(batch: &Batch) -> String {
     s
 }
 
+const MIB: f64 = 1024.0 * 1024.0;
+
 fn describe_epoch(r: &EpochReport, max_epoch: usize) -> String {
     let mut s = format!(
         "epoch {}/{max_epoch}: lr {:.2e}, train loss {:.4} ({}), {:.1} patches/s",
@@ -619,6 +618,9 @@ fn describe_epoch(r: &EpochReport, max_epoch: usize) -> String {
         r.train_target_losses.iter().map(|(n, l)| format!("{n} {l:.4}")).collect::<Vec<_>>().join(", "),
         r.patches_per_s
     );
+    if let Some(c) = &r.device {
+        s += &format!("\n  device: {c}");
+    }
     if let Some(v) = &r.validation {
         for t in &v.targets {
             s += &format!("\n  val {}: loss {:.4}", t.name, t.loss);

@@ -10,7 +10,7 @@ use crate::device::launch::{Arg, Kernel, to_i32};
 pub fn act_forward(x: &GpuTensor, act: Act) -> Result<GpuTensor> {
     let mut y = GpuTensor::output(&x.gpu, x.shape.clone())?;
     let n = x.numel();
-    let args = [Arg::read(&x.buf), Arg::write(&mut y.buf), Arg::val(act.slope() as f32), Arg::val(n as i64)];
+    let args = [Arg::read(x.buf()), Arg::write(y.out()?), Arg::val(act.slope() as f32), Arg::val(n as i64)];
     x.gpu.launch(Kernel::ACT_LEAKY_FWD, items(n), &args)?;
     Ok(y)
 }
@@ -21,9 +21,9 @@ pub fn act_backward(gy: &GpuTensor, x: &GpuTensor, act: Act) -> Result<GpuTensor
     let mut gx = GpuTensor::output(&x.gpu, x.shape.clone())?;
     let n = x.numel();
     let args = [
-        Arg::read(&gy.buf),
-        Arg::read(&x.buf),
-        Arg::write(&mut gx.buf),
+        Arg::read(gy.buf()),
+        Arg::read(x.buf()),
+        Arg::write(gx.out()?),
         Arg::val(act.slope() as f32),
         Arg::val(n as i64),
     ];
@@ -37,7 +37,7 @@ pub fn sigmoid_forward(x: &GpuTensor) -> Result<GpuTensor> {
     x.gpu.launch(
         Kernel::ACT_SIGMOID_FWD,
         items(n),
-        &[Arg::read(&x.buf), Arg::write(&mut y.buf), Arg::val(n as i64)],
+        &[Arg::read(x.buf()), Arg::write(y.out()?), Arg::val(n as i64)],
     )?;
     Ok(y)
 }
@@ -54,8 +54,8 @@ pub fn softmax_forward(x: &GpuTensor) -> Result<GpuTensor> {
     let rows = x.numel() / c;
     let mut y = GpuTensor::output(&x.gpu, x.shape.clone())?;
     let args = [
-        Arg::read(&x.buf),
-        Arg::write(&mut y.buf),
+        Arg::read(x.buf()),
+        Arg::write(y.out()?),
         Arg::val(rows as i64),
         Arg::val(to_i32(c, "softmax channels")?),
     ];
@@ -86,7 +86,7 @@ fn backward_from_output(
         None => (y.numel(), None),
     };
     let mut args =
-        vec![Arg::read(&gy.buf), Arg::read(&y.buf), Arg::write(&mut gx.buf), Arg::val(work as i64)];
+        vec![Arg::read(gy.buf()), Arg::read(y.buf()), Arg::write(gx.out()?), Arg::val(work as i64)];
     args.extend(tail.map(Arg::val));
     y.gpu.launch(kernel, items(work), &args)?;
     Ok(gx)

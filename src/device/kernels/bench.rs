@@ -10,7 +10,7 @@ use crate::device::cpu::loss::SoftmaxLoss;
 use crate::device::cpu::optim::AdamHyper;
 use crate::device::launch::{Gpu, GpuBuffer};
 use crate::model::{SePool, se_reduced_channels};
-use crate::tensor::Tensor;
+use crate::tensor::{Shape, Tensor};
 
 /// One measured kernel (or short sequence of launches making one op).
 #[derive(Clone, Debug)]
@@ -86,6 +86,7 @@ pub fn run(gpu: &Gpu, opts: &KernelBenchOptions) -> Result<Vec<KernelBenchRow>> 
     let pshape = format!("{} tensors, {total} parameters", params.len());
     let h = AdamHyper { lr: 1e-3, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.01, decoupled: true };
     let mut step = 0u64;
+    let mut cache = optim::TableCache::default();
     time("adamw step", &pshape, 7 * 4 * total, &mut || {
         step += 1;
         let mut segs: Vec<optim::AdamParam> = p
@@ -99,10 +100,10 @@ pub fn run(gpu: &Gpu, opts: &KernelBenchOptions) -> Result<Vec<KernelBenchRow>> 
                 exp_avg_sq,
             })
             .collect();
-        optim::adam_step(gpu, &mut segs, step, &h)
+        optim::adam_step(gpu, &mut cache, &mut segs, step, &h)
     })?;
     let refs: Vec<&GpuBuffer<f32>> = grads.iter().collect();
-    time("gradient norm", &pshape, 4 * total, &mut || optim::grad_norm(gpu, &refs).map(drop))?;
+    time("gradient norm", &pshape, 4 * total, &mut || optim::grad_norm(gpu, &mut cache, &refs).map(drop))?;
     Ok(rows)
 }
 
@@ -177,8 +178,9 @@ pub fn run_fused(gpu: &Gpu, opts: &KernelBenchOptions) -> Result<Vec<KernelBench
         loss::softmax_loss_forward(&x, &labels, &cfg).map(drop)
     })?;
     let (_, grad) = loss::softmax_loss_forward(&x, &labels, &cfg)?;
+    let gy = GpuTensor::full(gpu, Shape::new(&[]), 1.0)?;
     time("softmax dice + CE loss backward", &logits, 4 * vox * (2 * c + 1), &mut || {
-        loss::softmax_loss_backward(&x, &labels, &grad, 1.0).map(drop)
+        loss::softmax_loss_backward(&x, &labels, &grad, &gy).map(drop)
     })?;
     Ok(rows)
 }

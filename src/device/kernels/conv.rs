@@ -317,11 +317,11 @@ fn launch_weight(
     let mut gw = GpuTensor::output(gpu, w_dims)?;
     let mut ws = if splits > 1 { Some(gpu.alloc::<f32>(splits * pr.k * kdim)?) } else { None };
     let cfg = config([kdim.div_ceil(tile), pr.k.div_ceil(tile), splits])?;
-    let mut args = vec![Arg::read(gy), Arg::read(src), Arg::write(ws.as_mut().unwrap_or(&mut gw.buf))];
+    let mut args = vec![Arg::read(gy), Arg::read(src), Arg::write(ws.as_mut().unwrap_or(gw.out()?))];
     args.extend(pr.args()?);
     gpu.launch(pick(&WEIGHT, tile, pr, pass.plan.precision), cfg, &args)?;
     if let Some(ws) = &ws {
-        sum_splits(gpu, ws, &mut gw.buf, splits)?;
+        sum_splits(gpu, ws, gw.out()?, splits)?;
     }
     Ok(gw)
 }
@@ -337,7 +337,7 @@ fn launch_into(
     dims: [usize; 5],
 ) -> Result<GpuTensor> {
     let mut y = GpuTensor::output(gpu, dims)?;
-    launch(&Pass { gpu, pr: &pr, plan: Plan::auto(p) }, ops, &mut y.buf)?;
+    launch(&Pass { gpu, pr: &pr, plan: Plan::auto(p) }, ops, y.out()?)?;
     Ok(y)
 }
 
@@ -356,7 +356,7 @@ fn weight_grads(
 }
 
 /// The per-channel sum of `gy` over every voxel (the bias gradient), deterministic.
-fn bias_grad(gy: &GpuTensor) -> Result<GpuTensor> {
+pub fn bias_grad(gy: &GpuTensor) -> Result<GpuTensor> {
     let c = gy.shape.last();
     reduce::sum_over(gy, [1, 1, 1, 1, c])?.reshape([c])
 }
@@ -421,7 +421,7 @@ pub fn conv3d_forward(
     let d = conv_dims(op, x, w, stride)?;
     check_bias(op, bias, x, d.cout)?;
     let [od, oh, ow] = d.output();
-    let ops = Operands { src: &x.buf, w: &w.buf, bias: bias.map(|b| &b.buf) };
+    let ops = Operands { src: x.buf(), w: w.buf(), bias: bias.map(|b| b.buf()) };
     launch_into(&x.gpu, Problem::conv(&d), p, launch_forward, ops, [d.n, od, oh, ow, d.cout])
 }
 
@@ -439,7 +439,7 @@ pub fn conv3d_backward_data(
     let d = ConvDims { n: gd[0], input, cin: wd[4], cout: wd[0], kernel: [wd[1], wd[2], wd[3]], stride };
     d.validate().with_context(|| format!("{op} to input size {input:?} with weight {}", w.shape))?;
     check_output(op, gy, d.n, d.output(), d.cout)?;
-    let ops = Operands { src: &gy.buf, w: &w.buf, bias: None };
+    let ops = Operands { src: gy.buf(), w: w.buf(), bias: None };
     launch_into(&gy.gpu, Problem::conv(&d), p, launch_data, ops, [d.n, input[0], input[1], input[2], d.cin])
 }
 
@@ -460,7 +460,7 @@ pub fn conv3d_backward_weight(
     d.validate().with_context(|| format!("{op} of input {} with kernel {kernel:?}", x.shape))?;
     check_output(op, gy, d.n, d.output(), d.cout)?;
     let w_dims = [d.cout, kernel[0], kernel[1], kernel[2], d.cin];
-    weight_grads(Problem::conv(&d), p, [&gy.buf, &x.buf], w_dims, gy, with_bias)
+    weight_grads(Problem::conv(&d), p, [gy.buf(), x.buf()], w_dims, gy, with_bias)
 }
 
 /// The kernel of a transposed-conv weight (C_in, T, R, S, C_out), which must equal `stride`.
@@ -503,7 +503,7 @@ pub fn conv_transpose3d_forward(
     let d = transposed_dims(op, x, w, stride)?;
     check_bias(op, bias, x, d.cout)?;
     let [od, oh, ow] = d.output();
-    let ops = Operands { src: &x.buf, w: &w.buf, bias: bias.map(|b| &b.buf) };
+    let ops = Operands { src: x.buf(), w: w.buf(), bias: bias.map(|b| b.buf()) };
     launch_into(&x.gpu, Problem::blocked(&d), p, launch_data, ops, [d.n, od, oh, ow, d.cout])
 }
 
@@ -531,7 +531,7 @@ pub fn conv_transpose3d_backward_data(
     let wd = transposed_kernel(op, w, stride)?;
     let d = TransposedDims { n: gy.dims()[0], input, cin: wd[0], cout: wd[4], kernel: stride };
     check_output(op, gy, d.n, d.output(), d.cout)?;
-    let ops = Operands { src: &gy.buf, w: &w.buf, bias: None };
+    let ops = Operands { src: gy.buf(), w: w.buf(), bias: None };
     let dims = [d.n, input[0], input[1], input[2], d.cin];
     launch_into(&gy.gpu, Problem::blocked(&d), p, launch_forward, ops, dims)
 }
@@ -553,7 +553,7 @@ pub fn conv_transpose3d_backward_weight(
     ensure!(stride.iter().all(|&s| s > 0), "{op}: stride {stride:?} must be positive");
     check_output(op, gy, d.n, d.output(), d.cout)?;
     let w_dims = [d.cin, stride[0], stride[1], stride[2], d.cout];
-    weight_grads(Problem::blocked(&d), p, [&x.buf, &gy.buf], w_dims, gy, with_bias)
+    weight_grads(Problem::blocked(&d), p, [x.buf(), gy.buf()], w_dims, gy, with_bias)
 }
 
 #[cfg(test)]
@@ -616,7 +616,7 @@ mod tests {
             naive::conv3d_backward_weight(&mut want, &gyv, &xv, &d);
             let w_dims = [d.cout, d.kernel[0], d.kernel[1], d.kernel[2], d.cin];
             let gw = launch_weight(&pass, &gy, &x, w_dims).unwrap();
-            assert_close(&format!("{what} backward-weight"), &gpu, &gw.buf, &want, tol);
+            assert_close(&format!("{what} backward-weight"), &gpu, gw.buf(), &want, tol);
         }
     }
 

@@ -11,7 +11,7 @@ use crate::tensor::Shape;
 fn binary(kernel: Kernel, op: &str, a: &GpuTensor, b: &GpuTensor) -> Result<GpuTensor> {
     same_shape(op, a, b)?;
     let mut y = GpuTensor::output(&a.gpu, a.shape.clone())?;
-    let args = [Arg::read(&a.buf), Arg::read(&b.buf), Arg::write(&mut y.buf), Arg::val(a.numel() as i64)];
+    let args = [Arg::read(a.buf()), Arg::read(b.buf()), Arg::write(y.out()?), Arg::val(a.numel() as i64)];
     a.gpu.launch(kernel, items(a.numel()), &args)?;
     Ok(y)
 }
@@ -35,11 +35,7 @@ pub fn mul_backward(gy: &GpuTensor, a: &GpuTensor, b: &GpuTensor) -> Result<(Gpu
 pub fn scale_in_place(x: &mut GpuTensor, s: f32) -> Result<()> {
     let n = x.numel();
     let gpu = x.gpu.clone();
-    gpu.launch(
-        Kernel::EW_SCALE_IN_PLACE,
-        items(n),
-        &[Arg::write(&mut x.buf), Arg::val(s), Arg::val(n as i64)],
-    )
+    gpu.launch(Kernel::EW_SCALE_IN_PLACE, items(n), &[Arg::write(x.out()?), Arg::val(s), Arg::val(n as i64)])
 }
 
 /// The (outer, mid, inner) view of `small` broadcast against `full`, or an error naming both.
@@ -57,9 +53,9 @@ pub fn bcast_mul(x: &GpuTensor, g: &GpuTensor) -> Result<GpuTensor> {
     let mut y = GpuTensor::output(&x.gpu, x.shape.clone())?;
     let n = x.numel();
     let args = [
-        Arg::read(&x.buf),
-        Arg::read(&g.buf),
-        Arg::write(&mut y.buf),
+        Arg::read(x.buf()),
+        Arg::read(g.buf()),
+        Arg::write(y.out()?),
         Arg::val(bc.mid as i64),
         Arg::val(bc.inner as i64),
         Arg::val(n as i64),
@@ -87,8 +83,8 @@ pub(crate) fn bcast_expand(small: &GpuTensor, full: &Shape, bc: Bcast, scale: f3
     let mut y = GpuTensor::output(&small.gpu, full.clone())?;
     let n = full.numel();
     let args = [
-        Arg::read(&small.buf),
-        Arg::write(&mut y.buf),
+        Arg::read(small.buf()),
+        Arg::write(y.out()?),
         Arg::val(scale),
         Arg::val(bc.mid as i64),
         Arg::val(bc.inner as i64),
@@ -110,8 +106,8 @@ fn copy_columns(
     let rows = src.numel().checked_div(src_at.0).unwrap_or(0);
     let gpu = src.gpu.clone();
     let args = [
-        Arg::read(&src.buf),
-        Arg::write(&mut dst.buf),
+        Arg::read(src.buf()),
+        Arg::write(dst.out()?),
         Arg::val(rows as i64),
         Arg::val(to_i32(width, "concat width")?),
         Arg::val(to_i32(src_at.0, "concat source channels")?),
@@ -169,4 +165,38 @@ pub fn concat_channels_backward(gy: &GpuTensor, widths: &[usize]) -> Result<Vec<
             Ok(part)
         })
         .collect()
+}
+
+/// `s * x` into a new tensor.
+pub fn scale(x: &GpuTensor, s: f32) -> Result<GpuTensor> {
+    let mut y = GpuTensor::output(&x.gpu, x.shape.clone())?;
+    let n = x.numel();
+    let args = [Arg::read(x.buf()), Arg::write(y.out()?), Arg::val(s), Arg::val(n as i64)];
+    x.gpu.launch(Kernel::EW_SCALE, items(n), &args)?;
+    Ok(y)
+}
+
+/// `y += a * x` in place (same shapes): gradient accumulation without a new buffer.
+pub fn axpy_in_place(y: &mut GpuTensor, a: f32, x: &GpuTensor) -> Result<()> {
+    same_shape("accumulate", y, x)?;
+    let n = x.numel();
+    let gpu = x.gpu.clone();
+    gpu.launch(
+        Kernel::EW_AXPY,
+        items(n),
+        &[Arg::read(x.buf()), Arg::write(y.out()?), Arg::val(a), Arg::val(n as i64)],
+    )
+}
+
+/// `dst = src` into `dst`'s own buffer (same element count).
+pub fn copy_into(dst: &mut GpuTensor, src: &GpuTensor) -> Result<()> {
+    same_device("copy", dst, src)?;
+    ensure!(dst.numel() == src.numel(), "copy: {} into {}", src.shape, dst.shape);
+    let n = src.numel();
+    let gpu = src.gpu.clone();
+    gpu.launch(
+        Kernel::EW_SCALE,
+        items(n),
+        &[Arg::read(src.buf()), Arg::write(dst.out()?), Arg::val(1.0f32), Arg::val(n as i64)],
+    )
 }

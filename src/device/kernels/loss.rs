@@ -11,6 +11,7 @@ use crate::device::cpu::loss::{BceDice, LabelSmoothing, Pointwise, Slices, Softm
 use crate::device::launch::{
     Arg, DeviceScalar, Gpu, GpuBuffer, Kernel, LaunchConfig, MAX_DYNAMIC_SHARED, to_i32,
 };
+use crate::tensor::Shape;
 
 /// Threads per block of the voxel-parallel loss kernels (`kLossThreads`).
 const THREADS: usize = 256;
@@ -38,6 +39,30 @@ impl GpuLoss {
         }
         Ok(self.scale * out[0])
     }
+
+    /// The value as a one-element float32 tensor on the device (nothing is copied): what a loss
+    /// op records on the tape. An invalid label count makes it NaN.
+    pub fn to_tensor(&self) -> Result<GpuTensor> {
+        let mut y = GpuTensor::output(&self.gpu, Shape::new(&[]))?;
+        self.gpu.launch(
+            Kernel::LOSS_VALUE,
+            LaunchConfig::linear(1, 32),
+            &[
+                Arg::read(&self.out),
+                Arg::write(y.out()?),
+                Arg::val(self.scale),
+                Arg::val(i32::from(self.classes.is_some())),
+            ],
+        )?;
+        Ok(y)
+    }
+}
+
+/// Fails unless `gy` is one element on `x`'s device: the upstream gradient a loss backward reads.
+fn upstream(op: &str, x: &GpuTensor, gy: &GpuTensor) -> Result<()> {
+    same_device(op, x, gy)?;
+    ensure!(gy.numel() == 1, "{op}: upstream gradient {} is not one element", gy.shape);
+    Ok(())
 }
 
 /// What [`softmax_loss_backward`] needs: d loss / d I and d loss / d P per (sample, class).
@@ -98,8 +123,8 @@ pub fn softmax_loss_forward(
         partials,
         cfg_p,
         &[
-            Arg::read(&logits.buf),
-            Arg::read(&labels.buf),
+            Arg::read(logits.buf()),
+            Arg::read(labels.buf()),
             Arg::write(&mut partial),
             Arg::val(voxels as i64),
             Arg::val(ci),
@@ -133,10 +158,11 @@ pub fn softmax_loss_backward(
     logits: &GpuTensor,
     labels: &GpuTensor,
     grad: &GpuSoftmaxGrad,
-    gy: f32,
+    gy: &GpuTensor,
 ) -> Result<GpuTensor> {
     let op = "softmax loss backward";
     let (n, voxels, c) = softmax_layout(op, logits, labels)?;
+    upstream(op, logits, gy)?;
     ensure!(
         (n, c) == (grad.n, grad.c),
         "{op}: logits {} do not match the forward's {} samples x {} classes",
@@ -147,15 +173,15 @@ pub fn softmax_loss_backward(
     let (_, bwd) = softmax_kernels(c)?;
     let mut gx = GpuTensor::output(&logits.gpu, logits.shape.clone())?;
     let args = [
-        Arg::read(&logits.buf),
-        Arg::read(&labels.buf),
+        Arg::read(logits.buf()),
+        Arg::read(labels.buf()),
         Arg::read(&grad.coef),
-        Arg::write(&mut gx.buf),
+        Arg::write(gx.out()?),
         Arg::val(n as i32),
         Arg::val(voxels as i64),
         Arg::val(to_i32(c, op)?),
         Arg::val(grad.ce_scale),
-        Arg::val(gy),
+        Arg::read(gy.buf()),
     ];
     logits.gpu.launch(bwd, items(n * voxels), &args)?;
     Ok(gx)
@@ -174,8 +200,18 @@ fn pointwise_args(kind: Pointwise, slices: Slices) -> (i32, f32, Vec<f32>) {
     (code, beta, smoothing.per_slice(depth).into_iter().map(|s| s as f32).collect())
 }
 
+/// The per-slice smoothing factors on the device: filled there when they are all one value (every
+/// kind but z-slice smoothing), so only that one costs an upload.
+fn smoothing_table(gpu: &Gpu, table: &[f32]) -> Result<GpuTensor> {
+    match table {
+        [first, rest @ ..] if rest.iter().all(|v| v == first) => GpuTensor::full(gpu, [table.len()], *first),
+        _ => GpuTensor::from_host(gpu, [table.len()], table),
+    }
+}
+
 /// Launches pointwise kernel `kernel` of `kind` over `x` against `t` into `out`: the forward's
-/// partial sums, or the backward's gradient, which takes `scale` as its last argument.
+/// partial sums, or the backward's gradient, which takes the forward's `scale` and the upstream
+/// gradient as its last arguments.
 fn pointwise_launch<T: DeviceScalar>(
     op: &str,
     (kernel, cfg): (Kernel, LaunchConfig),
@@ -183,7 +219,7 @@ fn pointwise_launch<T: DeviceScalar>(
     x: &GpuTensor,
     t: &GpuTensor,
     out: &mut GpuBuffer<T>,
-    scale: Option<f32>,
+    scale: Option<(f32, &GpuTensor)>,
 ) -> Result<()> {
     same_shape(op, x, t)?;
     ensure!(
@@ -192,19 +228,22 @@ fn pointwise_launch<T: DeviceScalar>(
         x.shape
     );
     let (code, beta, table) = pointwise_args(kind, slices);
-    let smooth = x.gpu.upload(&table)?;
+    let smooth = smoothing_table(&x.gpu, &table)?;
     let mut args = vec![
         Arg::val(code),
-        Arg::read(&x.buf),
-        Arg::read(&t.buf),
-        Arg::read(&smooth),
+        Arg::read(x.buf()),
+        Arg::read(t.buf()),
+        Arg::read(smooth.buf()),
         Arg::val(slices.len as i64),
         Arg::val(to_i32(table.len(), op)?),
         Arg::write(out),
         Arg::val(x.numel() as i64),
         Arg::val(beta),
     ];
-    args.extend(scale.map(Arg::val));
+    if let Some((scale, gy)) = scale {
+        upstream(op, x, gy)?;
+        args.extend([Arg::val(scale), Arg::read(gy.buf())]);
+    }
     x.gpu.launch(kernel, cfg, &args)
 }
 
@@ -231,17 +270,19 @@ pub fn pointwise_forward(
     Ok(GpuLoss { gpu: gpu.clone(), out, scale, classes: None })
 }
 
-/// `scale * d(sum of terms) / dx`; pass the forward's scale times the upstream gradient.
+/// `gy * scale * d(sum of terms) / dx`, with the forward's `scale` and the upstream gradient `gy`.
 pub fn pointwise_backward(
     kind: Pointwise,
     x: &GpuTensor,
     t: &GpuTensor,
     slices: Slices,
     scale: f32,
+    gy: &GpuTensor,
 ) -> Result<GpuTensor> {
     let mut gx = GpuTensor::output(&x.gpu, x.shape.clone())?;
     let kernel = (Kernel::LOSS_POINTWISE_BWD, items(x.numel()));
-    pointwise_launch("pointwise loss backward", kernel, (kind, slices), x, t, &mut gx.buf, Some(scale))?;
+    let up = Some((scale, gy));
+    pointwise_launch("pointwise loss backward", kernel, (kind, slices), x, t, gx.out()?, up)?;
     Ok(gx)
 }
 
@@ -273,8 +314,8 @@ pub fn bce_dice_forward(x: &GpuTensor, t: &GpuTensor, cfg: &BceDice) -> Result<(
         Kernel::LOSS_BCE_DICE_PARTIALS,
         grid.cfg,
         &[
-            Arg::read(&x.buf),
-            Arg::read(&t.buf),
+            Arg::read(x.buf()),
+            Arg::read(t.buf()),
             Arg::write(&mut partial),
             Arg::val(voxels as i64),
             Arg::val(ci),
@@ -305,23 +346,29 @@ pub fn bce_dice_forward(x: &GpuTensor, t: &GpuTensor, cfg: &BceDice) -> Result<(
 }
 
 /// `gy * d loss / d x` of [`bce_dice_forward`].
-pub fn bce_dice_backward(x: &GpuTensor, t: &GpuTensor, grad: &GpuBceDiceGrad, gy: f32) -> Result<GpuTensor> {
+pub fn bce_dice_backward(
+    x: &GpuTensor,
+    t: &GpuTensor,
+    grad: &GpuBceDiceGrad,
+    gy: &GpuTensor,
+) -> Result<GpuTensor> {
     let op = "BCEDiceLoss backward";
     let (c, voxels) = channels_and_voxels(op, x, t)?;
+    upstream(op, x, gy)?;
     ensure!(c == grad.c, "{op}: input {} does not have the forward's {} channels", x.shape, grad.c);
     let grid = tile_grid(op, c, 1, voxels)?;
     let mut gx = GpuTensor::output(&x.gpu, x.shape.clone())?;
     let args = [
-        Arg::read(&x.buf),
-        Arg::read(&t.buf),
+        Arg::read(x.buf()),
+        Arg::read(t.buf()),
         Arg::read(&grad.coef),
-        Arg::write(&mut gx.buf),
+        Arg::write(gx.out()?),
         Arg::val(voxels as i64),
         Arg::val(to_i32(c, op)?),
         Arg::val(grid.rows_per_chunk),
         Arg::val(grad.bce_scale),
         Arg::val(grad.smoothing),
-        Arg::val(gy),
+        Arg::read(gy.buf()),
     ];
     x.gpu.launch(Kernel::LOSS_BCE_DICE_BWD, grid.cfg, &args)?;
     Ok(gx)
@@ -343,8 +390,8 @@ pub fn masked_cosine_forward(p: &GpuTensor, t: &GpuTensor) -> Result<(GpuLoss, G
         Kernel::LOSS_COSINE_PARTIALS,
         LaunchConfig::linear(blocks as u32, THREADS as u32),
         &[
-            Arg::read(&p.buf),
-            Arg::read(&t.buf),
+            Arg::read(p.buf()),
+            Arg::read(t.buf()),
             Arg::write(&mut partial),
             Arg::val(voxels as i64),
             Arg::val(to_i32(c, op)?),
@@ -364,19 +411,20 @@ pub fn masked_cosine_backward(
     p: &GpuTensor,
     t: &GpuTensor,
     grad: &GpuCosineGrad,
-    gy: f32,
+    gy: &GpuTensor,
 ) -> Result<GpuTensor> {
     let op = "MaskedCosineLoss backward";
     let (c, voxels) = channels_and_voxels(op, p, t)?;
+    upstream(op, p, gy)?;
     let mut gx = GpuTensor::output(&p.gpu, p.shape.clone())?;
     let args = [
-        Arg::read(&p.buf),
-        Arg::read(&t.buf),
+        Arg::read(p.buf()),
+        Arg::read(t.buf()),
         Arg::read(&grad.scale),
-        Arg::write(&mut gx.buf),
+        Arg::write(gx.out()?),
         Arg::val(voxels as i64),
         Arg::val(to_i32(c, op)?),
-        Arg::val(gy),
+        Arg::read(gy.buf()),
     ];
     p.gpu.launch(Kernel::LOSS_COSINE_BWD, items(voxels), &args)?;
     Ok(gx)

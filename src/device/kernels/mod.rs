@@ -14,9 +14,11 @@ pub mod pool;
 pub mod reduce;
 pub mod se;
 
+use std::sync::Arc;
+
 use anyhow::{Result, ensure};
 
-use super::launch::{Gpu, GpuBuffer, LaunchConfig};
+use super::launch::{Arg, Gpu, GpuBuffer, Kernel, LaunchConfig};
 use crate::tensor::{Shape, Tensor};
 
 /// Threads per block of the grid-stride kernels.
@@ -27,11 +29,13 @@ fn items(n: usize) -> LaunchConfig {
     LaunchConfig::for_items(n, THREADS)
 }
 
-/// A float32 tensor in a kernel device's memory, channels-last like its host counterpart.
+/// A float32 tensor in a kernel device's memory, channels-last like its host counterpart. Cloning
+/// shares the buffer (as [`Tensor`] shares host storage); kernels write only unshared buffers.
+#[derive(Clone)]
 pub struct GpuTensor {
     gpu: Gpu,
     shape: Shape,
-    buf: GpuBuffer<f32>,
+    buf: Arc<GpuBuffer<f32>>,
 }
 
 impl std::fmt::Debug for GpuTensor {
@@ -41,24 +45,45 @@ impl std::fmt::Debug for GpuTensor {
 }
 
 impl GpuTensor {
+    /// Copies a host tensor's data to `gpu`.
     pub fn upload(gpu: &Gpu, t: &Tensor) -> Result<Self> {
-        Ok(GpuTensor { gpu: gpu.clone(), shape: t.shape().clone(), buf: gpu.upload(t.data())? })
+        Self::from_host(gpu, t.shape().clone(), t.data())
+    }
+
+    /// Copies `data` (shaped `shape`) to `gpu`.
+    pub fn from_host(gpu: &Gpu, shape: impl Into<Shape>, data: &[f32]) -> Result<Self> {
+        let shape = shape.into();
+        ensure!(shape.numel() == data.len(), "upload: {} elements for shape {shape}", data.len());
+        Ok(GpuTensor { gpu: gpu.clone(), shape, buf: Arc::new(gpu.upload(data)?) })
     }
 
     pub fn zeros(gpu: &Gpu, shape: impl Into<Shape>) -> Result<Self> {
         let shape = shape.into();
-        Ok(GpuTensor { gpu: gpu.clone(), buf: gpu.zeros(shape.numel())?, shape })
+        Ok(GpuTensor { gpu: gpu.clone(), buf: Arc::new(gpu.zeros(shape.numel())?), shape })
+    }
+
+    /// `value` everywhere, filled on the device (nothing is copied from the host).
+    pub fn full(gpu: &Gpu, shape: impl Into<Shape>, value: f32) -> Result<Self> {
+        let mut y = Self::output(gpu, shape)?;
+        let n = y.numel();
+        gpu.launch(Kernel::EW_FILL, items(n), &[Arg::write(y.out()?), Arg::val(value), Arg::val(n as i64)])?;
+        Ok(y)
     }
 
     /// A tensor every element of which the next kernel writes.
     fn output(gpu: &Gpu, shape: impl Into<Shape>) -> Result<Self> {
         let shape = shape.into();
-        Ok(GpuTensor { gpu: gpu.clone(), buf: gpu.alloc(shape.numel())?, shape })
+        Ok(GpuTensor { gpu: gpu.clone(), buf: Arc::new(gpu.alloc(shape.numel())?), shape })
     }
 
     /// Copies the tensor to the host (waiting for the kernels that write it).
     pub fn to_host(&self) -> Result<Tensor> {
-        Tensor::from_vec(self.shape.clone(), self.gpu.download(&self.buf)?)
+        Tensor::from_vec(self.shape.clone(), self.to_vec()?)
+    }
+
+    /// The elements on the host (waiting for the kernels that write them).
+    pub fn to_vec(&self) -> Result<Vec<f32>> {
+        self.gpu.download(&self.buf)
     }
 
     pub fn shape(&self) -> &Shape {
@@ -77,12 +102,18 @@ impl GpuTensor {
         &self.gpu
     }
 
-    pub fn buffer(&self) -> &GpuBuffer<f32> {
+    /// The buffer, for a kernel to read.
+    pub fn buf(&self) -> &GpuBuffer<f32> {
         &self.buf
     }
 
-    pub fn buffer_mut(&mut self) -> &mut GpuBuffer<f32> {
-        &mut self.buf
+    /// The buffer for a kernel to write: a buffer shared with another tensor is copied first
+    /// (copy-on-write, as host tensors do), so no other tensor sees the write.
+    pub fn out(&mut self) -> Result<&mut GpuBuffer<f32>> {
+        if Arc::get_mut(&mut self.buf).is_none() {
+            self.buf = Arc::new(copy(&self.gpu, &self.buf)?);
+        }
+        Ok(Arc::get_mut(&mut self.buf).expect("unshared after the copy"))
     }
 
     /// The same storage under a shape with the same element count.
@@ -95,6 +126,18 @@ impl GpuTensor {
         );
         Ok(GpuTensor { shape, ..self })
     }
+}
+
+/// A device-side copy of `src`.
+fn copy(gpu: &Gpu, src: &GpuBuffer<f32>) -> Result<GpuBuffer<f32>> {
+    let n = src.len();
+    let mut dst = gpu.alloc::<f32>(n)?;
+    gpu.launch(
+        Kernel::EW_SCALE,
+        items(n),
+        &[Arg::read(src), Arg::write(&mut dst), Arg::val(1.0f32), Arg::val(n as i64)],
+    )?;
+    Ok(dst)
 }
 
 /// Fails unless `b` is on `a`'s device.

@@ -94,7 +94,7 @@ pub fn instance_norm_forward(
     gpu.launch(
         Kernel::NORM_STATS_PARTIALS,
         grid.cfg,
-        &[Arg::read(&x.buf), Arg::write(&mut partial), Arg::val(s64), Arg::val(ci), Arg::val(rpc)],
+        &[Arg::read(x.buf()), Arg::write(&mut partial), Arg::val(s64), Arg::val(ci), Arg::val(rpc)],
     )?;
     let mut mean = GpuTensor::output(gpu, [n, c])?;
     let mut rstd = GpuTensor::output(gpu, [n, c])?;
@@ -103,9 +103,9 @@ pub fn instance_norm_forward(
         warp_per_entry(n * c),
         &[
             Arg::read(&partial),
-            Arg::read(&x.buf),
-            Arg::write(&mut mean.buf),
-            Arg::write(&mut rstd.buf),
+            Arg::read(x.buf()),
+            Arg::write(mean.out()?),
+            Arg::write(rstd.out()?),
             Arg::val(to_i32(n, "instance norm samples")?),
             Arg::val(ci),
             Arg::val(s64),
@@ -114,14 +114,14 @@ pub fn instance_norm_forward(
         ],
     )?;
     let mut y = GpuTensor::output(gpu, x.shape.clone())?;
-    let mut args = vec![Arg::read(&x.buf)];
-    args.extend(residual.map(|r| Arg::read(&r.buf)));
+    let mut args = vec![Arg::read(x.buf())];
+    args.extend(residual.map(|r| Arg::read(r.buf())));
     args.extend([
-        Arg::read(&mean.buf),
-        Arg::read(&rstd.buf),
-        Arg::read(&gamma.buf),
-        Arg::read(&beta.buf),
-        Arg::write(&mut y.buf),
+        Arg::read(mean.buf()),
+        Arg::read(rstd.buf()),
+        Arg::read(gamma.buf()),
+        Arg::read(beta.buf()),
+        Arg::write(y.out()?),
         Arg::val(s64),
         Arg::val(ci),
         Arg::val(rpc),
@@ -171,11 +171,11 @@ pub fn instance_norm_backward(
         Some(y) => {
             let mut gz = GpuTensor::output(gpu, x.shape.clone())?;
             let args = [
-                Arg::read(&gy.buf),
-                Arg::read(&x.buf),
-                Arg::read(&y.buf),
+                Arg::read(gy.buf()),
+                Arg::read(x.buf()),
+                Arg::read(y.buf()),
                 Arg::read(&stats.mean.buf),
-                Arg::write(&mut gz.buf),
+                Arg::write(gz.out()?),
                 Arg::write(&mut partial),
                 Arg::val(s64),
                 Arg::val(ci),
@@ -187,12 +187,12 @@ pub fn instance_norm_backward(
         }
         None => {
             let args = [
-                Arg::read(&gy.buf),
-                Arg::read(&x.buf),
+                Arg::read(gy.buf()),
+                Arg::read(x.buf()),
                 Arg::read(&stats.mean.buf),
                 Arg::read(&stats.rstd.buf),
-                Arg::read(&gamma.buf),
-                Arg::read(&beta.buf),
+                Arg::read(gamma.buf()),
+                Arg::read(beta.buf()),
                 Arg::write(&mut partial),
                 Arg::val(s64),
                 Arg::val(ci),
@@ -213,8 +213,8 @@ pub fn instance_norm_backward(
             Arg::read(&partial),
             Arg::read(&stats.rstd.buf),
             Arg::write(&mut coef),
-            Arg::write(&mut dgamma.buf),
-            Arg::write(&mut dbeta.buf),
+            Arg::write(dgamma.out()?),
+            Arg::write(dbeta.out()?),
             Arg::val(ni),
             Arg::val(ci),
             Arg::val(s64),
@@ -225,13 +225,13 @@ pub fn instance_norm_backward(
     match &mut gz {
         Some(gz) => {
             let args = [
-                Arg::read(&gz.buf),
-                Arg::read(&x.buf),
+                Arg::read(gz.buf()),
+                Arg::read(x.buf()),
                 Arg::read(&stats.mean.buf),
                 Arg::read(&stats.rstd.buf),
-                Arg::read(&gamma.buf),
+                Arg::read(gamma.buf()),
                 Arg::read(&coef),
-                Arg::write(&mut gx.buf),
+                Arg::write(gx.out()?),
                 Arg::val(ni),
                 Arg::val(s64),
                 Arg::val(ci),
@@ -241,14 +241,14 @@ pub fn instance_norm_backward(
         }
         None => {
             let args = [
-                Arg::read(&gy.buf),
-                Arg::read(&x.buf),
+                Arg::read(gy.buf()),
+                Arg::read(x.buf()),
                 Arg::read(&stats.mean.buf),
                 Arg::read(&stats.rstd.buf),
-                Arg::read(&gamma.buf),
-                Arg::read(&beta.buf),
+                Arg::read(gamma.buf()),
+                Arg::read(beta.buf()),
                 Arg::read(&coef),
-                Arg::write(&mut gx.buf),
+                Arg::write(gx.out()?),
                 Arg::val(ni),
                 Arg::val(s64),
                 Arg::val(ci),

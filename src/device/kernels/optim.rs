@@ -57,6 +57,29 @@ impl Tables {
     }
 }
 
+/// The tables of the last launch and the entries they were built from. Parameters are updated in
+/// place and gradients and moments keep their buffers from step to step, so after the first step
+/// the tables match and nothing is uploaded; any change of buffer rebuilds them.
+#[derive(Default)]
+pub struct TableCache {
+    entries: Vec<([u64; 4], usize)>,
+    tables: Option<Tables>,
+}
+
+impl TableCache {
+    fn get(&mut self, gpu: &Gpu, entries: Vec<([u64; 4], usize)>) -> Result<&Tables> {
+        let stale = match &self.tables {
+            Some(t) => self.entries != entries || !t.seg.on(gpu),
+            None => true,
+        };
+        if stale {
+            self.tables = Some(Tables::new(gpu, &entries)?);
+            self.entries = entries;
+        }
+        Ok(self.tables.as_ref().expect("set above"))
+    }
+}
+
 fn check_len(what: &str, i: usize, param: usize, other: usize) -> Result<()> {
     ensure!(param == other, "optimizer step: parameter {i} has {param} elements but its {what} has {other}");
     Ok(())
@@ -64,7 +87,13 @@ fn check_len(what: &str, i: usize, param: usize, other: usize) -> Result<()> {
 
 /// One SGD step on every parameter (torch.optim.SGD, dampening 0). `first`: the momentum buffers
 /// have not been filled yet, so they are set to the gradient (PyTorch's first step).
-pub fn sgd_step(gpu: &Gpu, params: &mut [SgdParam<'_>], h: &SgdHyper, first: bool) -> Result<()> {
+pub fn sgd_step(
+    gpu: &Gpu,
+    cache: &mut TableCache,
+    params: &mut [SgdParam<'_>],
+    h: &SgdHyper,
+    first: bool,
+) -> Result<()> {
     let mut entries = Vec::with_capacity(params.len());
     for (i, p) in params.iter().enumerate() {
         check_len("gradient", i, p.param.len(), p.grad.len())?;
@@ -84,7 +113,7 @@ pub fn sgd_step(gpu: &Gpu, params: &mut [SgdParam<'_>], h: &SgdHyper, first: boo
         };
         entries.push(([p.param.device_addr(), p.grad.device_addr(), buf, 0], p.param.len()));
     }
-    let t = Tables::new(gpu, &entries)?;
+    let t = cache.get(gpu, entries)?;
     if t.count == 0 {
         return Ok(());
     }
@@ -108,7 +137,13 @@ pub fn sgd_step(gpu: &Gpu, params: &mut [SgdParam<'_>], h: &SgdHyper, first: boo
 
 /// One Adam (or, with `h.decoupled`, AdamW) step on every parameter; `step` counts the steps taken
 /// including this one. The step's scalars are computed in f64 as torch.optim does.
-pub fn adam_step(gpu: &Gpu, params: &mut [AdamParam<'_>], step: u64, h: &AdamHyper) -> Result<()> {
+pub fn adam_step(
+    gpu: &Gpu,
+    cache: &mut TableCache,
+    params: &mut [AdamParam<'_>],
+    step: u64,
+    h: &AdamHyper,
+) -> Result<()> {
     ensure!(step >= 1, "adam step: steps count from 1, got {step}");
     let mut entries = Vec::with_capacity(params.len());
     for (i, p) in params.iter().enumerate() {
@@ -123,7 +158,7 @@ pub fn adam_step(gpu: &Gpu, params: &mut [AdamParam<'_>], step: u64, h: &AdamHyp
         ];
         entries.push((addrs, p.param.len()));
     }
-    let t = Tables::new(gpu, &entries)?;
+    let t = cache.get(gpu, entries)?;
     if t.count == 0 {
         return Ok(());
     }
@@ -143,9 +178,9 @@ pub fn adam_step(gpu: &Gpu, params: &mut [AdamParam<'_>], step: u64, h: &AdamHyp
 }
 
 /// The L2 norm of all gradients together (for clipping), from f64 partial sums in a fixed order.
-pub fn grad_norm(gpu: &Gpu, grads: &[&GpuBuffer<f32>]) -> Result<f64> {
+pub fn grad_norm(gpu: &Gpu, cache: &mut TableCache, grads: &[&GpuBuffer<f32>]) -> Result<f64> {
     let entries: Vec<_> = grads.iter().map(|g| ([0, g.device_addr(), 0, 0], g.len())).collect();
-    let t = Tables::new(gpu, &entries)?;
+    let t = cache.get(gpu, entries)?;
     if t.count == 0 {
         return Ok(0.0);
     }

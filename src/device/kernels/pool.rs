@@ -24,7 +24,7 @@ pub fn avg_pool(x: &GpuTensor, k: [usize; 3]) -> Result<GpuTensor> {
     let out = avg_pool_out_dims(dims, k);
     let mut y = GpuTensor::output(&x.gpu, out)?;
     let n = y.numel();
-    let mut args = vec![Arg::read(&x.buf), Arg::write(&mut y.buf)];
+    let mut args = vec![Arg::read(x.buf()), Arg::write(y.out()?)];
     args.extend(ints);
     args.push(Arg::val(n as i64));
     x.gpu.launch(Kernel::POOL_AVG_FWD, items(n), &args)?;
@@ -46,7 +46,7 @@ pub fn avg_pool_backward(gy: &GpuTensor, input: impl Into<Shape>, k: [usize; 3])
     );
     let mut gx = GpuTensor::output(&gy.gpu, input)?;
     let n = gx.numel();
-    let mut args = vec![Arg::read(&gy.buf), Arg::write(&mut gx.buf)];
+    let mut args = vec![Arg::read(gy.buf()), Arg::write(gx.out()?)];
     args.extend(ints);
     args.push(Arg::val(n as i64));
     gy.gpu.launch(Kernel::POOL_AVG_BWD, items(n), &args)?;

@@ -40,14 +40,14 @@ pub(crate) fn sum_mid(a: &GpuTensor, b: Option<&GpuTensor>, bc: Bcast, scale: f6
         None => gpu.launch(
             Kernel::REDUCE_MID_PARTIALS,
             cfg,
-            &[Arg::read(&a.buf), Arg::write(&mut partial), Arg::val(mid), Arg::val(inner), Arg::val(rpc)],
+            &[Arg::read(a.buf()), Arg::write(&mut partial), Arg::val(mid), Arg::val(inner), Arg::val(rpc)],
         )?,
         Some(b) => gpu.launch(
             Kernel::REDUCE_MID_PROD_PARTIALS,
             cfg,
             &[
-                Arg::read(&a.buf),
-                Arg::read(&b.buf),
+                Arg::read(a.buf()),
+                Arg::read(b.buf()),
                 Arg::write(&mut partial),
                 Arg::val(mid),
                 Arg::val(inner),
@@ -58,7 +58,7 @@ pub(crate) fn sum_mid(a: &GpuTensor, b: Option<&GpuTensor>, bc: Bcast, scale: f6
     let mut y = GpuTensor::output(gpu, [bc.outer, bc.inner])?;
     let args = [
         Arg::read(&partial),
-        Arg::write(&mut y.buf),
+        Arg::write(y.out()?),
         Arg::val(bc.outer as i64),
         Arg::val(inner),
         Arg::val(chunks as i32),

@@ -92,13 +92,13 @@ pub fn se_forward(x: &GpuTensor, p: &SeParams, pool: SePool) -> Result<(GpuTenso
     let mut hidden = GpuTensor::output(&x.gpu, [rows, r])?;
     let mut gate = GpuTensor::output(&x.gpu, gshape)?;
     let args = [
-        Arg::read(&pooled.buf),
+        Arg::read(pooled.buf()),
         Arg::read(&p.w1.buf),
         Arg::read(&p.b1.buf),
         Arg::read(&p.w2.buf),
         Arg::read(&p.b2.buf),
-        Arg::write(&mut hidden.buf),
-        Arg::write(&mut gate.buf),
+        Arg::write(hidden.out()?),
+        Arg::write(gate.out()?),
         Arg::val(to_i32(c, op)?),
         Arg::val(to_i32(r, op)?),
     ];
@@ -128,7 +128,7 @@ pub fn se_backward(gy: &GpuTensor, x: &GpuTensor, p: &SeParams, saved: &SeSaved)
         Kernel::SE_MLP_BWD,
         row_launch(op, rows, c, r)?,
         &[
-            Arg::read(&gg.buf),
+            Arg::read(gg.buf()),
             Arg::read(&saved.gate.buf),
             Arg::read(&saved.hidden.buf),
             Arg::read(&p.w1.buf),
@@ -152,10 +152,10 @@ pub fn se_backward(gy: &GpuTensor, x: &GpuTensor, p: &SeParams, saved: &SeSaved)
             Arg::read(&d2),
             Arg::read(&saved.pooled.buf),
             Arg::read(&saved.hidden.buf),
-            Arg::write(&mut gw1.buf),
-            Arg::write(&mut gb1.buf),
-            Arg::write(&mut gw2.buf),
-            Arg::write(&mut gb2.buf),
+            Arg::write(gw1.out()?),
+            Arg::write(gb1.out()?),
+            Arg::write(gw2.out()?),
+            Arg::write(gb2.out()?),
             Arg::val(rows as i64),
             Arg::val(ci),
             Arg::val(ri),
@@ -167,10 +167,10 @@ pub fn se_backward(gy: &GpuTensor, x: &GpuTensor, p: &SeParams, saved: &SeSaved)
         Kernel::SE_INPUT_GRAD,
         items(n),
         &[
-            Arg::read(&gy.buf),
+            Arg::read(gy.buf()),
             Arg::read(&saved.gate.buf),
             Arg::read(&ds),
-            Arg::write(&mut gx.buf),
+            Arg::write(gx.out()?),
             Arg::val(bc.mid as i64),
             Arg::val(bc.inner as i64),
             Arg::val((1.0 / bc.mid as f64) as f32),
