@@ -8,6 +8,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use unet3d::device::cpu::loss as k;
+use unet3d::device::op;
 use unet3d::loss::{
     DiceCe, LOSS_NAMES, LabelResample, LabelSmoothing, Loss, Pointwise, Reduction, deep_supervision,
     deep_supervision_labels, deep_supervision_weights, downsample_labels,
@@ -475,7 +476,7 @@ fn pointwise_gradients() {
             if name.starts_with("BCE") { binary(&mut rng, n) } else { random(&mut rng, n, -2.0, 2.0) },
         );
         let t64 = f64s(&t);
-        let slices = k::Slices { depth: 3, len: 12 };
+        let slices = op::Slices { depth: 3, len: 12 };
         check_grad(
             name,
             &loss,
@@ -511,7 +512,7 @@ fn softmax_loss_gradients() {
             Loss::DiceCe(d) => (d.batch_dice, d.do_bg, d.smooth),
             _ => (false, true, 0.0),
         };
-        let cfg = k::SoftmaxLoss { ce_scale, dice_weight, batch_dice, do_bg, smooth };
+        let cfg = op::SoftmaxLoss { ce_scale, dice_weight, batch_dice, do_bg, smooth };
         check_grad(
             &name,
             &loss,
@@ -537,7 +538,7 @@ fn bce_dice_and_masked_cosine_gradients() {
     let x = tensor(&shape, random(&mut rng, len, -3.0, 3.0));
     let t = tensor(&shape, binary(&mut rng, len));
     let t64 = f64s(&t);
-    let cfg = k::BceDice { alpha: 0.3, beta: 0.7, smoothing: 0.1 };
+    let cfg = op::BceDice { alpha: 0.3, beta: 0.7, smoothing: 0.1 };
     check_grad(
         "BCEDiceLoss",
         &config("BCEDiceLoss", json!({"alpha": 0.3, "beta": 0.7})),

@@ -5,10 +5,12 @@ mod common;
 
 use common::*;
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use unet3d::device::cpu::activation::{self as act_k, Act};
-use unet3d::device::cpu::elementwise::{self as ew_k, Bcast};
+use unet3d::device::cpu::activation as act_k;
+use unet3d::device::cpu::elementwise as ew_k;
 use unet3d::device::cpu::linear::{self as lin_k, LinearGrads};
 use unet3d::device::cpu::{norm as norm_k, pool as pool_k, reduce as red_k};
+use unet3d::device::op::Act;
+use unet3d::device::op::Bcast;
 use unet3d::ops::{activation, elementwise, linear, norm, pool, reduce};
 use unet3d::tensor::io::TensorFile;
 use unet3d::{Graph, ParamStore, Tensor, Var};

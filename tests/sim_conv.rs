@@ -10,11 +10,12 @@ use common::{fixture, fixture_meta, rel_err, to_cl};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use unet3d::Tensor;
-use unet3d::device::cpu::conv::{self as cpu_conv, ConvDims, TransposedDims};
+use unet3d::device::cpu::conv as cpu_conv;
 use unet3d::device::cpu::naive;
 use unet3d::device::kernels::conv::{self, ConvPrecision};
 use unet3d::device::kernels::{GpuTensor, bench};
 use unet3d::device::launch::{Gpu, test_devices};
+use unet3d::device::op::{ConvDims, TransposedDims};
 use unet3d::tensor::layout;
 
 const FP32_TOL: f64 = 1e-5;

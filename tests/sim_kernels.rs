@@ -9,12 +9,15 @@ use common::rel_err;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use unet3d::Tensor;
-use unet3d::device::cpu::activation::{self as cpu_act, Act};
-use unet3d::device::cpu::elementwise::{self as cpu_ew, Bcast};
-use unet3d::device::cpu::optim::{self as cpu_optim, AdamHyper, SgdHyper};
+use unet3d::device::cpu::activation as cpu_act;
+use unet3d::device::cpu::elementwise as cpu_ew;
+use unet3d::device::cpu::optim as cpu_optim;
 use unet3d::device::cpu::{pool as cpu_pool, reduce as cpu_reduce};
 use unet3d::device::kernels::{GpuTensor, activation, bench, elementwise, optim, pool, reduce};
 use unet3d::device::launch::{Gpu, test_devices};
+use unet3d::device::op::Act;
+use unet3d::device::op::Bcast;
+use unet3d::device::op::{AdamHyper, SgdHyper};
 
 const TOL: f64 = 1e-6;
 

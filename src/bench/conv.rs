@@ -8,9 +8,10 @@
 //! same channel counts (it would take minutes at full size); its GFLOP/s are still comparable.
 
 use super::median_secs;
-use crate::device::cpu::conv::{self, ConvDims};
+use crate::device::cpu::conv;
 use crate::device::cpu::gemm::{Mat, matmul};
 use crate::device::cpu::naive;
+use crate::device::op::ConvDims;
 use rayon::prelude::*;
 use std::fmt::Write;
 

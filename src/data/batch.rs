@@ -1,7 +1,7 @@
 //! What the loader hands the training step.
 
 use crate::config::TargetConfig;
-use crate::device::cpu::loss::Pointwise;
+use crate::device::op::Pointwise;
 use crate::loss::Loss;
 use crate::tensor::Tensor;
 

@@ -4,6 +4,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod kernels;
 pub mod launch;
+pub mod op;
 pub mod sim;
 
 use std::fmt;

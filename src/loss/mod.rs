@@ -6,7 +6,7 @@ mod config;
 mod deep_supervision;
 mod ops;
 
-pub use crate::device::cpu::loss::{LabelSmoothing, Pointwise};
+pub use crate::device::op::{LabelSmoothing, Pointwise};
 pub use config::LOSS_NAMES;
 pub use deep_supervision::{
     LabelResample, deep_supervision, deep_supervision_labels, deep_supervision_weights, downsample_labels,

@@ -3,8 +3,9 @@
 
 use crate::autograd::{Graph, Var};
 use crate::device::Device;
-use crate::device::cpu::loss::{self as k, LabelSmoothing, Pointwise, Slices};
+use crate::device::cpu::loss as k;
 use crate::device::kernels::{GpuTensor, elementwise as kge, loss as kg};
+use crate::device::op::{BceDice, LabelSmoothing, Pointwise, Slices, SoftmaxLoss};
 use crate::ops::{elementwise::scaled, same_device};
 use crate::tensor::{Shape, Tensor};
 use anyhow::{Result, ensure};
@@ -116,13 +117,7 @@ fn grad_like(like: &Tensor, fill: impl FnOnce(&mut [f32])) -> Result<Tensor> {
     Tensor::from_vec(like.shape().clone(), gx)
 }
 
-fn softmax_op(
-    g: &mut Graph,
-    op: &'static str,
-    logits: Var,
-    label: &Tensor,
-    cfg: k::SoftmaxLoss,
-) -> Result<Var> {
+fn softmax_op(g: &mut Graph, op: &'static str, logits: Var, label: &Tensor, cfg: SoftmaxLoss) -> Result<Var> {
     let x = operands(g, op, logits, label)?;
     let (n, c) = label_dims(op, &x, label)?;
     if x.device() != Device::Cpu {
@@ -148,7 +143,7 @@ pub fn dice_ce(g: &mut Graph, logits: Var, label: &Tensor, cfg: &DiceCe) -> Resu
         "{op} without background needs at least 2 classes, logits have shape {}",
         g.shape(logits)
     );
-    let kcfg = k::SoftmaxLoss {
+    let kcfg = SoftmaxLoss {
         ce_scale: cfg.weight_ce / label.numel() as f64,
         dice_weight: cfg.weight_dice,
         batch_dice: cfg.batch_dice,
@@ -160,7 +155,7 @@ pub fn dice_ce(g: &mut Graph, logits: Var, label: &Tensor, cfg: &DiceCe) -> Resu
 
 /// PyTorch's CrossEntropyLoss with class-index targets (a label map), channels-last logits.
 pub fn cross_entropy(g: &mut Graph, logits: Var, label: &Tensor, reduction: Reduction) -> Result<Var> {
-    let kcfg = k::SoftmaxLoss {
+    let kcfg = SoftmaxLoss {
         ce_scale: reduction.scale(label.numel()),
         dice_weight: 0.0,
         batch_dice: false,
@@ -223,7 +218,7 @@ pub fn bce_dice(g: &mut Graph, logits: Var, target: &Tensor, alpha: f64, beta: f
     let op = "BCEDiceLoss";
     let x = operands(g, op, logits, target)?;
     same_shape(op, &x, target)?;
-    let cfg = k::BceDice { alpha, beta, smoothing: 0.1 };
+    let cfg = BceDice { alpha, beta, smoothing: 0.1 };
     if x.device() != Device::Cpu {
         let (value, grad) = kg::bce_dice_forward(x.gpu(op)?, target.gpu(op)?, &cfg)?;
         let target = target.clone();

@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 
+use crate::device::op::SePool;
 use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 
@@ -16,17 +17,6 @@ pub enum Block {
     BasicBlockD,
     /// 1x1 down to `bottleneck_channels[stage]`, kxk with the stride, 1x1 up, (+SE), + skip, act.
     BottleneckD { bottleneck_channels: Vec<usize> },
-}
-
-/// Which spatial axes squeeze-excitation averages over.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SePool {
-    /// D, H and W: the textbook block.
-    #[default]
-    Dhw,
-    /// D and H only, leaving a gate that varies along W: dynamic_network_architectures' quirk.
-    Dh,
 }
 
 /// Instance normalisation settings.
@@ -128,11 +118,6 @@ pub struct DecoderStage {
     pub upsample: [usize; 3],
     pub kernel: [usize; 3],
     pub n_convs: usize,
-}
-
-/// make_divisible(v, 8, round_limit 0) of dynamic_network_architectures / timm on v = C / 16.
-pub fn se_reduced_channels(channels: usize) -> usize {
-    ((channels + 64) / 16 / 8 * 8).max(8)
 }
 
 impl Architecture {

@@ -10,9 +10,11 @@ pub mod plan;
 pub mod size;
 pub mod weights;
 
+/// Squeeze-excitation's pooling is part of an architecture; the descriptor lives with the ops.
+pub use crate::device::op::{SePool, se_reduced_channels};
 pub use arch::{
     ArchConfig, Architecture, Axes, Block, BlockKind, DecoderStage, EncoderBlock, Nonlin, Norm, PerStage,
-    SePool, Target, se_reduced_channels,
+    Target,
 };
 pub use network::{Network, apply_activation};
 pub use params::ParamSpec;

@@ -3,7 +3,7 @@
 
 use super::{LayerSettings, bind};
 use crate::autograd::{Graph, ParamId, ParamStore, Var};
-use crate::device::cpu::activation::Act;
+use crate::device::op::Act;
 use crate::ops::{conv, norm};
 use crate::tensor::Tensor;
 use anyhow::{Context, Result};

@@ -13,7 +13,7 @@ pub use residual::{ResidualBlock, ResidualStage, Skip, SqueezeExcite};
 pub use unet::{Decoder, DecoderStageLayers, Encoder};
 
 use crate::autograd::{ParamId, ParamStore};
-use crate::device::cpu::activation::Act;
+use crate::device::op::Act;
 use crate::model::{Architecture, Nonlin, SePool};
 use crate::tensor::Shape;
 use anyhow::{Result, ensure};

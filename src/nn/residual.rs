@@ -4,7 +4,7 @@
 use super::LayerSettings;
 use super::conv::{Conv, ConvNormAct, ConvSpec};
 use crate::autograd::{Graph, ParamStore, Var};
-use crate::device::cpu::activation::Act;
+use crate::device::op::Act;
 use crate::model::{EncoderBlock, SePool, se_reduced_channels};
 use crate::ops::{activation, elementwise, pool, reduce};
 use anyhow::{Context, Result};

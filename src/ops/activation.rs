@@ -9,7 +9,7 @@ use crate::device::kernels::activation as kg;
 use crate::tensor::Tensor;
 use anyhow::{Result, ensure};
 
-pub use crate::device::cpu::activation::Act;
+pub use crate::device::op::Act;
 
 /// `act(x)` on `x`'s device.
 pub(crate) fn act_value(x: &Tensor, act: Act) -> Result<Tensor> {

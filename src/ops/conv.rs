@@ -6,8 +6,9 @@
 
 use crate::autograd::{Graph, Var};
 use crate::device::Device;
-use crate::device::cpu::conv::{self as kernels, ConvDims, TransposedDims};
+use crate::device::cpu::conv as kernels;
 use crate::device::kernels::conv::{self as kc, ConvPrecision};
+use crate::device::op::{ConvDims, TransposedDims};
 use crate::tensor::Tensor;
 use anyhow::{Context, Result};
 

@@ -4,8 +4,9 @@
 use super::{dev, same_device};
 use crate::autograd::{Graph, Var};
 use crate::device::Device;
-use crate::device::cpu::elementwise::{self as k, Bcast};
+use crate::device::cpu::elementwise as k;
 use crate::device::kernels::elementwise as kg;
+use crate::device::op::Bcast;
 use crate::tensor::{Shape, Tensor};
 use anyhow::{Result, ensure};
 

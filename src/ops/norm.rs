@@ -5,9 +5,9 @@ use super::elementwise::{add, filled, value};
 use super::{activation, dev, same_device};
 use crate::autograd::{Graph, Var};
 use crate::device::Device;
-use crate::device::cpu::activation::Act;
 use crate::device::cpu::norm as k;
 use crate::device::kernels::norm as kg;
+use crate::device::op::Act;
 use crate::tensor::Tensor;
 use anyhow::{Result, ensure};
 

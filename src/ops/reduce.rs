@@ -5,9 +5,9 @@ use super::dev;
 use super::elementwise::{filled, value};
 use crate::autograd::{Graph, Var};
 use crate::device::Device;
-use crate::device::cpu::elementwise::Bcast;
 use crate::device::cpu::reduce as k;
 use crate::device::kernels::reduce as kg;
+use crate::device::op::Bcast;
 use crate::tensor::{Shape, Tensor};
 use anyhow::{Result, ensure};
 

@@ -1,9 +1,10 @@
 //! torch.optim.Adam (L2 weight decay) and AdamW (decoupled weight decay).
 
 use super::{Optimizer, OptimizerState, params_with_grads};
-use crate::device::cpu::optim::{AdamHyper, adam_step};
+use crate::device::cpu::optim::adam_step;
 use crate::device::kernels::optim::{self as kernels, AdamParam, TableCache};
 use crate::device::launch::Gpu;
+use crate::device::op::AdamHyper;
 use crate::{Device, ParamStore, Tensor};
 use std::collections::{BTreeMap, HashMap};
 

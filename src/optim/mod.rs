@@ -12,7 +12,7 @@ mod schedule;
 mod sgd;
 mod state;
 
-pub use crate::device::cpu::optim::{AdamHyper, SgdHyper};
+pub use crate::device::op::{AdamHyper, SgdHyper};
 pub use adam::Adam;
 pub use clip::{GradNorm, clip_grad_norm, grad_norm};
 pub use schedule::LrSchedule;

@@ -1,9 +1,10 @@
 //! torch.optim.SGD with momentum and Nesterov (dampening 0).
 
 use super::{Optimizer, OptimizerState, params_with_grads};
-use crate::device::cpu::optim::{SgdHyper, sgd_step};
+use crate::device::cpu::optim::sgd_step;
 use crate::device::kernels::optim::{self as kernels, SgdParam, TableCache};
 use crate::device::launch::Gpu;
+use crate::device::op::SgdHyper;
 use crate::{Device, ParamStore, Tensor};
 use std::collections::{BTreeMap, HashMap};
 

@@ -2,30 +2,9 @@
 
 use super::Real;
 use super::elementwise::{for_units, map1, map2};
-
-/// The activation fused after a normalisation, or applied on its own.
-#[derive(Clone, Copy, Debug, PartialEq, Default)]
-pub enum Act {
-    /// Identity.
-    #[default]
-    None,
-    /// `max(x, 0)`.
-    Relu,
-    /// `x` for `x > 0`, `slope * x` otherwise (nnU-Net uses 0.01).
-    LeakyRelu(f64),
-}
+use crate::device::op::Act;
 
 impl Act {
-    /// The slope for `x <= 0`: every `Act` is a leaky ReLU (identity has slope 1, ReLU slope 0), so
-    /// one branch-free loop serves all three.
-    pub fn slope(self) -> f64 {
-        match self {
-            Act::None => 1.0,
-            Act::Relu => 0.0,
-            Act::LeakyRelu(s) => s,
-        }
-    }
-
     /// The activation of `z`, with `slope` = `T::c(self.slope())` hoisted by the caller. ReLU maps
     /// -inf to 0 (not `-inf * 0 = NaN`) and keeps NaN, as PyTorch does.
     #[inline(always)]

@@ -24,6 +24,7 @@
 use super::Real;
 use super::gemm::{Mat, matmul};
 use super::reduce::sum_over_rows;
+use crate::device::op::{ConvDims, TransposedDims};
 use rayon::prelude::*;
 
 /// Elements of one im2col tile (1 MiB in f32): large enough for the GEMM to run near its peak,
@@ -32,60 +33,7 @@ const TILE_ELEMS: usize = 1 << 18;
 /// Multiply-adds below which a pass runs as one task on the calling thread.
 const PAR_MACS: usize = 1 << 18;
 
-/// A conv3d with "same" padding `(k - 1) / 2` per axis, as nnU-Net builds them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConvDims {
-    pub n: usize,
-    /// Input spatial size (D, H, W).
-    pub input: [usize; 3],
-    pub cin: usize,
-    pub cout: usize,
-    /// Kernel size (T, R, S).
-    pub kernel: [usize; 3],
-    pub stride: [usize; 3],
-}
-
 impl ConvDims {
-    pub fn pad(&self) -> [usize; 3] {
-        self.kernel.map(|k| k.saturating_sub(1) / 2)
-    }
-
-    /// Output spatial size, `floor((n + 2p - k) / s) + 1` per axis.
-    pub fn output(&self) -> [usize; 3] {
-        let p = self.pad();
-        std::array::from_fn(|a| (self.input[a] + 2 * p[a] - self.kernel[a]) / self.stride[a] + 1)
-    }
-
-    /// Fails unless kernel and stride are positive and the kernel fits in the padded input.
-    pub fn validate(&self) -> anyhow::Result<()> {
-        let p = self.pad();
-        anyhow::ensure!(
-            self.kernel.iter().all(|&k| k > 0) && self.stride.iter().all(|&s| s > 0),
-            "kernel {:?} and stride {:?} must be positive",
-            self.kernel,
-            self.stride
-        );
-        anyhow::ensure!(
-            (0..3).all(|a| self.input[a] + 2 * p[a] >= self.kernel[a]),
-            "kernel {:?} does not fit in the input {:?} padded by {p:?}",
-            self.kernel,
-            self.input
-        );
-        Ok(())
-    }
-
-    pub fn x_len(&self) -> usize {
-        self.n * self.input.iter().product::<usize>() * self.cin
-    }
-
-    pub fn y_len(&self) -> usize {
-        self.n * self.output().iter().product::<usize>() * self.cout
-    }
-
-    pub fn w_len(&self) -> usize {
-        self.cout * self.kernel.iter().product::<usize>() * self.cin
-    }
-
     fn geom(&self) -> Geom {
         Geom {
             n: self.n,
@@ -107,36 +55,7 @@ impl ConvDims {
     }
 }
 
-/// A transposed conv3d whose kernel equals its stride: every input voxel paints one disjoint
-/// `kernel`-sized block of the output, which is `input * kernel` per axis.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TransposedDims {
-    pub n: usize,
-    /// Input spatial size (D, H, W).
-    pub input: [usize; 3],
-    pub cin: usize,
-    pub cout: usize,
-    /// Kernel size = stride (T, R, S).
-    pub kernel: [usize; 3],
-}
-
 impl TransposedDims {
-    pub fn output(&self) -> [usize; 3] {
-        std::array::from_fn(|a| self.input[a] * self.kernel[a])
-    }
-
-    pub fn x_len(&self) -> usize {
-        self.n * self.input.iter().product::<usize>() * self.cin
-    }
-
-    pub fn y_len(&self) -> usize {
-        self.n * self.output().iter().product::<usize>() * self.cout
-    }
-
-    pub fn w_len(&self) -> usize {
-        self.cin * self.kernel.iter().product::<usize>() * self.cout
-    }
-
     /// The blocked conv3d (kernel = stride, no padding) from this op's output space to its input
     /// space, whose weight matrix (K = C_in rows of T*R*S*C_out) is this op's weight as stored.
     fn geom(&self) -> Geom {

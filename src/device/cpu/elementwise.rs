@@ -2,6 +2,7 @@
 //! chunked parallel loop that the other CPU kernels share.
 
 use super::Real;
+use crate::device::op::Bcast;
 use rayon::prelude::*;
 
 /// Elements per parallel task. Below this, handing work to the rayon pool costs more than doing it.
@@ -43,47 +44,6 @@ pub fn map2<T: Real>(y: &mut [T], a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync
             *y = f(a, b);
         }
     });
-}
-
-/// A broadcast seen as (outer, mid, inner): the full operand holds `outer * mid * inner` elements
-/// and the small one `outer * inner`, repeated over `mid`. Both channels-last cases of the U-Net
-/// (a per-sample channel gate (N,1,1,1,C) and the (N,1,1,W,C) gate of the D,H-pooled
-/// squeeze-excitation) are this view, and so is every mean over a contiguous run of axes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Bcast {
-    pub outer: usize,
-    pub mid: usize,
-    pub inner: usize,
-}
-
-impl Bcast {
-    /// The view of `small` broadcast against `full` (same rank, each axis equal or 1), or None when
-    /// the broadcast axes do not form one contiguous run.
-    pub fn of(full: &[usize], small: &[usize]) -> Option<Bcast> {
-        if full.len() != small.len() || full.iter().zip(small).any(|(&f, &s)| s != f && s != 1) {
-            return None;
-        }
-        let bcast: Vec<usize> = (0..full.len()).filter(|&i| small[i] != full[i]).collect();
-        let (lo, hi) = match (bcast.first(), bcast.last()) {
-            (Some(&lo), Some(&hi)) => (lo, hi + 1),
-            _ => (full.len(), full.len()),
-        };
-        if small[lo..hi].iter().any(|&s| s != 1) {
-            return None;
-        }
-        let p = |d: &[usize]| d.iter().product::<usize>();
-        Some(Bcast { outer: p(&full[..lo]), mid: p(&full[lo..hi]), inner: p(&full[hi..]) })
-    }
-
-    /// Elements of the full operand.
-    pub fn full_len(&self) -> usize {
-        self.outer * self.mid * self.inner
-    }
-
-    /// Elements of the broadcast operand.
-    pub fn small_len(&self) -> usize {
-        self.outer * self.inner
-    }
 }
 
 /// Runs `f(row, out_row, small_row)` for every `inner`-long row of the full operand, with the row of

@@ -7,6 +7,7 @@
 
 use super::Real;
 use super::activation::sigmoid;
+use crate::device::op::{BceDice, LabelSmoothing, Pointwise, Slices, SoftmaxLoss};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -73,64 +74,6 @@ fn softmax_into<T: Real>(x: &[T], p: &mut [T]) -> T {
     }
     p.iter_mut().for_each(|pi| *pi = *pi / sum);
     m + sum.ln()
-}
-
-/// How targets are smoothed before BCE with logits.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum LabelSmoothing {
-    None,
-    /// One factor everywhere (the seed's BCEWithLogitsLossLabelSmoothing).
-    Constant(f64),
-    /// The seed's BCEWithLogitsLossZSmooth: `s(z) = center + (edge - center) |z - (D-1)/2| / (D//2)`.
-    /// With D = 1 the seed divides by zero (NaN); here the single slice takes `center`.
-    ZSlices {
-        center: f64,
-        edge: f64,
-    },
-}
-
-impl LabelSmoothing {
-    /// The smoothing factor of each of `depth` slices along D.
-    pub fn per_slice(&self, depth: usize) -> Vec<f64> {
-        match *self {
-            LabelSmoothing::None => vec![0.0; depth],
-            LabelSmoothing::Constant(s) => vec![s; depth],
-            LabelSmoothing::ZSlices { center, edge } => {
-                let mid = (depth as f64 - 1.0) / 2.0;
-                let max_dist = (depth / 2) as f64;
-                (0..depth)
-                    .map(|z| {
-                        if depth / 2 == 0 {
-                            center
-                        } else {
-                            center + (edge - center) * (z as f64 - mid).abs() / max_dist
-                        }
-                    })
-                    .collect()
-            }
-        }
-    }
-}
-
-/// Element `i` of a tensor lies in slice `(i / len) % depth` along D (depth 1: no D axis).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Slices {
-    pub depth: usize,
-    pub len: usize,
-}
-
-/// Losses that are a mean (or sum) of one term per element.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Pointwise {
-    Mse,
-    L1,
-    /// PyTorch's SmoothL1: `0.5 d^2 / beta` below `beta`, `|d| - 0.5 beta` above (beta 0 is L1).
-    SmoothL1 {
-        beta: f64,
-    },
-    BceWithLogits(LabelSmoothing),
-    /// BCE on probabilities; PyTorch clamps each log at -100 and the backward denominator at 1e-12.
-    Bce,
 }
 
 impl Pointwise {
@@ -200,21 +143,6 @@ pub fn pointwise_backward<T: Real>(
             *g = scale * kind.grad(x[i], t[i], s[(i / slices.len) % slices.depth]);
         }
     });
-}
-
-/// Cross-entropy and nnU-Net's MemoryEfficientSoftDiceLoss on softmax probabilities, fused:
-/// `ce_scale * sum(CE) - dice_weight * mean(dc)`, `dc = (2I + smooth) / max(G + P + smooth, 1e-8)`.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct SoftmaxLoss {
-    /// Multiplies the sum of per-voxel CE (weight / voxel count for nnU-Net's mean).
-    pub ce_scale: f64,
-    /// 0 leaves the Dice term out (plain cross-entropy).
-    pub dice_weight: f64,
-    /// Sum I, P, G over the batch before forming dc.
-    pub batch_dice: bool,
-    /// Include class 0 in the Dice mean.
-    pub do_bg: bool,
-    pub smooth: f64,
 }
 
 /// Per-(sample, class) sums of one softmax pass over channels-last logits, row-major (n, c).
@@ -339,15 +267,6 @@ pub fn softmax_loss_backward<T: Real>(
             }
         }
     });
-}
-
-/// The seed's BCEDiceLoss: `alpha * BCE_ls + beta * (1 - mean_c 2 I_c / max(sum p^2 + sum t^2, 1e-6))`
-/// with `p = sigmoid(x)`, sums per channel over batch and space, BCE against smoothed targets.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct BceDice {
-    pub alpha: f64,
-    pub beta: f64,
-    pub smoothing: f64,
 }
 
 /// What the backward of [`BceDice`] needs: `dL/dp = coef_t[c] t + coef_p[c] p` per channel.

@@ -3,7 +3,7 @@
 //! benchmark what those kernels gain; nothing else should call them.
 
 use super::Real;
-use super::conv::{ConvDims, TransposedDims};
+use crate::device::op::{ConvDims, TransposedDims};
 
 fn f64_of<T: Real>(v: T) -> f64 {
     v.to_f64().expect("finite float")

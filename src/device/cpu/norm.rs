@@ -6,9 +6,9 @@
 //! vectors, parallel over samples and over blocks of voxels.
 
 use super::Real;
-use super::activation::Act;
 use super::elementwise::for_units;
 use super::reduce::{f64_of, reduce_rows, sum_rows};
+use crate::device::op::Act;
 
 /// Per-(sample, channel) mean and 1/sqrt(var + eps), `n * c` each, saved for the backward.
 #[derive(Clone, Debug)]

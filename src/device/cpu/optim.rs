@@ -7,31 +7,10 @@
 //! them to its float32 tensor ops.
 
 use super::Real;
-use super::elementwise::{Bcast, CHUNK, for_units};
+use super::elementwise::{CHUNK, for_units};
 use super::reduce::sum_mid_with;
+use crate::device::op::{AdamHyper, Bcast, SgdHyper};
 use rayon::prelude::*;
-
-/// torch.optim.SGD hyperparameters (dampening is 0).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct SgdHyper {
-    pub lr: f64,
-    pub momentum: f64,
-    pub nesterov: bool,
-    /// L2 penalty, added to the gradient: `g + weight_decay * p`.
-    pub weight_decay: f64,
-}
-
-/// torch.optim.Adam / AdamW hyperparameters.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdamHyper {
-    pub lr: f64,
-    pub betas: (f64, f64),
-    pub eps: f64,
-    pub weight_decay: f64,
-    /// AdamW: decay the parameter by `1 - lr * weight_decay` before the update, instead of adding
-    /// `weight_decay * p` to the gradient (Adam's L2 penalty).
-    pub decoupled: bool,
-}
 
 /// Runs `f` over matching runs of at most [`CHUNK`] elements of a parameter, its `K` state slices
 /// and its gradient, in parallel when there is more than one run. (`for_units` splits a single

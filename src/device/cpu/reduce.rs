@@ -5,7 +5,8 @@
 //! in block order, so the result does not depend on the number of threads.
 
 use super::Real;
-use super::elementwise::{Bcast, CHUNK, bcast_expand};
+use super::elementwise::{CHUNK, bcast_expand};
+use crate::device::op::Bcast;
 use rayon::prelude::*;
 use std::ops::Range;
 

@@ -3,8 +3,8 @@
 use anyhow::{Result, ensure};
 
 use super::{GpuTensor, items, same_shape};
-use crate::device::cpu::activation::Act;
 use crate::device::launch::{Arg, Kernel, to_i32};
+use crate::device::op::Act;
 
 /// `act(x)`: identity, ReLU and leaky ReLU are one kernel with the slope below zero.
 pub fn act_forward(x: &GpuTensor, act: Act) -> Result<GpuTensor> {

@@ -5,11 +5,11 @@
 use anyhow::Result;
 
 use super::{GpuTensor, activation, elementwise, loss, norm, optim, pool, reduce, se};
-use crate::device::cpu::activation::Act;
-use crate::device::cpu::loss::SoftmaxLoss;
-use crate::device::cpu::optim::AdamHyper;
 use crate::device::launch::{Gpu, GpuBuffer};
-use crate::model::{SePool, se_reduced_channels};
+use crate::device::op::Act;
+use crate::device::op::AdamHyper;
+use crate::device::op::SoftmaxLoss;
+use crate::device::op::{SePool, se_reduced_channels};
 use crate::tensor::{Shape, Tensor};
 
 /// One measured kernel (or short sequence of launches making one op).

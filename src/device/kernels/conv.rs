@@ -16,8 +16,8 @@
 use anyhow::{Context, Result, ensure};
 
 use super::{GpuTensor, items, reduce, same_device};
-use crate::device::cpu::conv::{ConvDims, TransposedDims};
 use crate::device::launch::{Arg, Gpu, GpuBuffer, Kernel, LaunchConfig, to_i32};
+use crate::device::op::{ConvDims, TransposedDims};
 
 /// The multiply of a conv kernel: fp32 on CUDA cores (the exact fallback), or TF32 tensor cores
 /// (operands rounded to 10 mantissa bits, sums in fp32: about 1e-3 relative error).

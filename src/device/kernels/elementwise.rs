@@ -4,8 +4,8 @@
 use anyhow::{Result, ensure};
 
 use super::{GpuTensor, items, reduce, same_device, same_shape};
-use crate::device::cpu::elementwise::Bcast;
 use crate::device::launch::{Arg, Kernel, to_i32};
+use crate::device::op::Bcast;
 use crate::tensor::Shape;
 
 fn binary(kernel: Kernel, op: &str, a: &GpuTensor, b: &GpuTensor) -> Result<GpuTensor> {

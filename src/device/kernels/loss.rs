@@ -7,10 +7,10 @@ use anyhow::{Result, bail, ensure};
 
 use super::norm::tile_grid;
 use super::{GpuTensor, items, same_device, same_shape};
-use crate::device::cpu::loss::{BceDice, LabelSmoothing, Pointwise, Slices, SoftmaxLoss};
 use crate::device::launch::{
     Arg, DeviceScalar, Gpu, GpuBuffer, Kernel, LaunchConfig, MAX_DYNAMIC_SHARED, to_i32,
 };
+use crate::device::op::{BceDice, LabelSmoothing, Pointwise, Slices, SoftmaxLoss};
 use crate::tensor::Shape;
 
 /// Threads per block of the voxel-parallel loss kernels (`kLossThreads`).

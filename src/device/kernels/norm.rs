@@ -6,8 +6,8 @@
 use anyhow::{Result, ensure};
 
 use super::{GpuTensor, same_device, same_shape};
-use crate::device::cpu::activation::Act;
 use crate::device::launch::{Arg, Kernel, LaunchConfig, to_i32};
+use crate::device::op::Act;
 
 /// Threads per block of the channel-tiled kernels (`kTileThreads` in kernels/fused.cuh).
 const TILE_THREADS: usize = 256;

@@ -5,8 +5,8 @@
 
 use anyhow::{Result, ensure};
 
-use crate::device::cpu::optim::{AdamHyper, SgdHyper};
 use crate::device::launch::{Arg, Gpu, GpuBuffer, Kernel, LaunchConfig};
+use crate::device::op::{AdamHyper, SgdHyper};
 
 /// Elements per block, as kOptimChunk in kernels/optim.cu.
 const CHUNK: usize = 4096;

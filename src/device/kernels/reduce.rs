@@ -5,8 +5,8 @@ use anyhow::{Result, ensure};
 
 use super::elementwise::{bcast_expand, bcast_view};
 use super::{GpuTensor, items, same_shape};
-use crate::device::cpu::elementwise::Bcast;
 use crate::device::launch::{Arg, Kernel, LaunchConfig, to_i32};
+use crate::device::op::Bcast;
 use crate::tensor::Shape;
 
 /// Rows of the middle axis per partial sum; more when the grid's y limit needs it.

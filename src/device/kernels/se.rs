@@ -9,7 +9,7 @@ use super::elementwise::{bcast_mul, bcast_view};
 use super::reduce::{mean_over, sum_mid};
 use super::{GpuTensor, items, same_device, same_shape};
 use crate::device::launch::{Arg, Kernel, LaunchConfig, MAX_DYNAMIC_SHARED, to_i32};
-use crate::model::SePool;
+use crate::device::op::SePool;
 use crate::tensor::Shape;
 
 /// Threads per block of the per-row layer kernels (rows are at most a few hundred channels).
