@@ -4,6 +4,7 @@
 //! `tensor` and `autograd` (channels-last float32 tensors and the tape that differentiates them),
 //! `ops` (differentiable operations recorded on the tape), `loss` and `optim`, then the CLI.
 
+pub mod arch;
 pub mod autograd;
 pub mod bench;
 pub mod cli;

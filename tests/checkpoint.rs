@@ -6,9 +6,10 @@ mod common;
 use common::scratch_dir;
 use std::path::{Path, PathBuf};
 
+use unet3d::arch::Architecture;
 use unet3d::autograd::ParamStore;
 use unet3d::config::Config;
-use unet3d::model::{Architecture, init, weights};
+use unet3d::model::{init, weights};
 use unet3d::optim::{Adam, AdamHyper, Optimizer};
 use unet3d::tensor::Tensor;
 use unet3d::train::checkpoint::{self, FORMAT_VERSION, TrainingState};

@@ -8,13 +8,13 @@ use std::process::Command;
 
 use serde_json::Value;
 use unet3d::Device;
-use unet3d::cli::plan::PlanReport;
+use unet3d::arch::{BlockKind, PerStage, SePool};
 use unet3d::config::{
     Activation, Config, Normalization, OptimizerConfig, OutputType, Parsed, Sampling, VolumePaths,
 };
 use unet3d::loss::Loss;
-use unet3d::model::{BlockKind, PerStage, SePool};
 use unet3d::optim::LrSchedule;
+use unet3d::train::plan::PlanReport;
 
 fn task(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tasks").join(name)
@@ -196,7 +196,7 @@ fn missing_sections_and_keys_take_the_defaults() {
     assert_eq!(t.augmentation.mirror_axes, [0, 1, 2]);
 
     let m = &c.model_config;
-    assert_eq!(*m, unet3d::model::ArchConfig::default(), "ResEncM defaults");
+    assert_eq!(*m, unet3d::arch::ArchConfig::default(), "ResEncM defaults");
 
     let d = &c.dataset_config;
     assert_eq!((d.min_labeled_ratio, d.min_bbox_percent, d.use_cache), (0.1, 0.95, true));
@@ -447,7 +447,7 @@ fn model_config_maps_onto_arch_config() {
     assert_eq!(arch.squeeze_excitation, Some(SePool::Dh));
     assert!(!arch.norm.affine && !arch.conv_bias && !arch.deep_supervision);
     assert_eq!(arch.norm.eps, 1e-3);
-    assert_eq!(arch.nonlin, unet3d::model::Nonlin::Relu);
+    assert_eq!(arch.nonlin, unet3d::arch::Nonlin::Relu);
 
     // The seed's defaults for do_stem etc. are accepted; anything else is an error.
     let p = parse(

@@ -9,6 +9,7 @@ use common::{assert_close, fixture, fixture_arch, fixture_meta, fixture_state_di
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
+use unet3d::arch::{ArchConfig, Architecture, Block, Nonlin, SePool, Target};
 use unet3d::bench::step::training_step_benchmark;
 use unet3d::config::Activation;
 use unet3d::device::Device;
@@ -16,7 +17,6 @@ use unet3d::loss::{self, DiceCe, LabelResample, Loss, Pointwise, Reduction};
 use unet3d::model::init::{self, he_std, torch_fan_in};
 use unet3d::model::network::Network;
 use unet3d::model::weights;
-use unet3d::model::{ArchConfig, Architecture, Block, Nonlin, SePool, Target};
 use unet3d::nn::{LayerSettings, ResidualBlock, SqueezeExcite};
 use unet3d::tensor::Tensor;
 use unet3d::{Graph, ParamStore};

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
-use unet3d::model::plan::{self, MAX_NUMPOOL, MIN_FEATURE_MAP_SIZE};
-use unet3d::model::{
+use unet3d::arch::plan::{self, MAX_NUMPOOL, MIN_FEATURE_MAP_SIZE};
+use unet3d::arch::{
     ArchConfig, Architecture, Axes, BlockKind, PerStage, SePool, Target, get_pool_and_conv_props,
     se_reduced_channels,
 };
@@ -279,7 +279,7 @@ fn bottleneck_block_counted_by_hand() {
         block: BlockKind::BottleneckD,
         bottleneck_channels: Some(PerStage::All(2)),
         conv_bias: false,
-        norm: unet3d::model::Norm { eps: 1e-5, affine: false },
+        norm: unet3d::arch::Norm { eps: 1e-5, affine: false },
         ..ArchConfig::default()
     };
     let arch = cfg.build(1, one_target(1), [8; 3]).unwrap();
@@ -459,7 +459,7 @@ fn training_memory_adds_up_and_bounds_the_batch() {
     let m = arch.training_memory([128; 3], 2, 2).unwrap();
     let p = 102_350_575u64;
     assert_eq!((m.weights, m.gradients, m.optimizer_state), (4 * p, 4 * p, 8 * p));
-    let acts = (558_319_104f64 * unet3d::model::size::ACTIVATION_FACTOR).ceil() as u64 * 4;
+    let acts = (558_319_104f64 * unet3d::arch::size::ACTIVATION_FACTOR).ceil() as u64 * 4;
     assert_eq!(m.activations, 2 * acts);
     assert_eq!(m.batch_data, 2 * (1 + 3) * 128u64.pow(3) * 4);
     assert_eq!(m.total(), 16 * p + 2 * acts + m.batch_data);

@@ -8,6 +8,7 @@ mod common;
 use common::{fixture, fixture_meta, rel_err, to_cl};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use unet3d::arch::SePool;
 use unet3d::device::cpu::activation as cpu_act;
 use unet3d::device::cpu::loss as cpu_loss;
 use unet3d::device::cpu::norm as cpu_norm;
@@ -15,7 +16,6 @@ use unet3d::device::kernels::{GpuTensor, bench, loss, norm, se};
 use unet3d::device::launch::{Gpu, test_devices};
 use unet3d::device::op::Act;
 use unet3d::device::op::{BceDice, LabelSmoothing, Pointwise, Slices, SoftmaxLoss};
-use unet3d::model::SePool;
 use unet3d::ops::{activation, elementwise, linear, reduce};
 use unet3d::tensor::io::TensorFile;
 use unet3d::{Graph, ParamStore, Tensor};
@@ -259,7 +259,7 @@ fn squeeze_excitation_matches_the_autograd_ops_in_both_pool_modes() {
         };
         for (i, d) in shapes.into_iter().enumerate() {
             let c = d[4];
-            let r = unet3d::model::se_reduced_channels(c);
+            let r = unet3d::arch::se_reduced_channels(c);
             let s = 10 * i as u64;
             let t = |dims: &[usize], seed: u64| {
                 Tensor::from_vec(dims, random(dims.iter().product(), seed, -1.0, 1.0)).unwrap()

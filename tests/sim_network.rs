@@ -14,6 +14,7 @@ use common::{assert_close, fixture, fixture_arch, fixture_meta, fixture_state_di
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
+use unet3d::arch::{Architecture, Block, Nonlin, Norm, SePool, Target};
 use unet3d::config::Activation;
 use unet3d::device::Device;
 use unet3d::device::launch::test_devices;
@@ -21,7 +22,7 @@ use unet3d::device::op::LabelSmoothing;
 use unet3d::infer::predictor::{NetworkPredictor, TilePredictor};
 use unet3d::loss::{self, DiceCe, LabelResample, Loss, Pointwise, Reduction};
 use unet3d::model::network::Network;
-use unet3d::model::{Architecture, Block, Nonlin, Norm, SePool, Target, init, weights};
+use unet3d::model::{init, weights};
 use unet3d::ops::activation as act;
 use unet3d::optim::{Adam, AdamHyper, GradNorm, Optimizer, Sgd, SgdHyper};
 use unet3d::tensor::Tensor;

@@ -7,11 +7,12 @@ use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use serde::Serialize;
 
+use crate::arch::{Architecture, MemoryEstimate};
 use crate::autograd::{Graph, ParamStore};
 use crate::device::Device;
 use crate::device::launch::DeviceCounters;
 use crate::loss::{self, DiceCe, LabelResample, Loss};
-use crate::model::{Architecture, MemoryEstimate, Network, init};
+use crate::model::{Network, init};
 use crate::tensor::{Tensor, memory};
 
 /// The cost of one training step.
@@ -29,7 +30,7 @@ pub struct StepBenchmark {
     /// [`Architecture::training_memory`] for the same step, without optimizer state.
     pub estimate: MemoryEstimate,
     /// The activation factor the peak implies: (peak - weights - gradients - batch data) over
-    /// 4 bytes times batch times feature-map size (compare [`crate::model::size::ACTIVATION_FACTOR`]).
+    /// 4 bytes times batch times feature-map size (compare [`crate::arch::size::ACTIVATION_FACTOR`]).
     /// Low where the parameters outweigh the activations: the peak comes before every gradient
     /// exists. The peak difference between two batch sizes measures the factor exactly.
     pub measured_activation_factor: f64,

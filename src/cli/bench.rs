@@ -1,13 +1,13 @@
 //! `unet3d bench <kernel>`: kernel throughput tables.
 
+use crate::arch::{ArchConfig, Target};
 use crate::bench::conv::{self, ConvBenchOptions};
 use crate::bench::step::training_step_benchmark;
-use crate::cli::plan::PlanReport;
 use crate::config::ConfigArgs;
 use crate::device::Device;
 use crate::device::kernels::bench::{self as kernel_bench, KernelBenchOptions};
 use crate::device::launch::Gpu;
-use crate::model::{ArchConfig, Target};
+use crate::train::plan::PlanReport;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
@@ -117,8 +117,8 @@ impl BenchArgs {
 }
 
 /// The network of tests/fixtures/model/resenc_unet_small (dynamic_network_architectures config).
-fn fixture_network(patch: [usize; 3]) -> anyhow::Result<crate::model::Architecture> {
-    use crate::model::{Axes, PerStage};
+fn fixture_network(patch: [usize; 3]) -> anyhow::Result<crate::arch::Architecture> {
+    use crate::arch::{Axes, PerStage};
     let cfg = ArchConfig {
         autoconfigure: false,
         features_per_stage: Some(PerStage::Each(vec![8, 16, 32, 64])),

@@ -25,7 +25,7 @@ pub use dataset::{Activation, DatasetConfig, Normalization, Sampling, TargetConf
 pub use inference::{InferenceConfig, OutputType};
 pub use train::{Augmentation, OptimizerConfig, TrConfig, TrSetup};
 
-use crate::model::{ArchConfig, Architecture, Target};
+use crate::arch::{ArchConfig, Architecture, Target};
 use reader::{Ctx, Section};
 
 /// The five sections, in the seed's order.

@@ -5,7 +5,7 @@ use anyhow::Result;
 
 use super::reader::{Section, boolean, choice, count_from, list_of, number, positive};
 use super::tree::Node;
-use crate::model::{ArchConfig, Axes, BlockKind, Nonlin, Norm, PerStage, SePool};
+use crate::arch::{ArchConfig, Axes, BlockKind, Nonlin, Norm, PerStage, SePool};
 
 const ENCODER_BLOCKS: &[&str] = &["BasicBlockD", "BottleneckBlockD", "BottleneckD"];
 const NONLINS: &[&str] = &["nn.LeakyReLU", "LeakyReLU", "nn.ReLU", "ReLU"];

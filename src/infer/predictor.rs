@@ -3,11 +3,12 @@
 
 use anyhow::{Context, Result, ensure};
 
+use crate::arch::Architecture;
 use crate::autograd::ParamStore;
 use crate::config::Activation;
 use crate::data::augment::spatial::flip_in_place;
 use crate::device::Device;
-use crate::model::{Architecture, Network};
+use crate::model::Network;
 use crate::tensor::Tensor;
 
 /// A model over batches of windows: (N, D, H, W, C_in) in, one (N, D, H, W, C_t) tensor of

@@ -5,8 +5,8 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 
-use super::arch::{Architecture, Block};
 use super::weights::from_torch;
+use crate::arch::spec::{Architecture, Block};
 use crate::autograd::ParamStore;
 use crate::tensor::Tensor;
 

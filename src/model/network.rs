@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result, ensure};
 
-use super::arch::Architecture;
+use crate::arch::spec::Architecture;
 use crate::autograd::{Graph, ParamStore, Var};
 use crate::config::Activation;
 use crate::nn::{Decoder, Encoder, LayerSettings};

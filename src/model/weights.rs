@@ -7,8 +7,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use super::arch::{Architecture, Block};
-use super::params::ParamSpec;
+use crate::arch::params::ParamSpec;
+use crate::arch::spec::{Architecture, Block};
 use crate::autograd::ParamStore;
 use crate::tensor::{Shape, Tensor, io, layout};
 

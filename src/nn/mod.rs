@@ -12,9 +12,9 @@ pub use conv::{Conv, ConvNormAct, ConvSpec, InstanceNorm, TransposedConv};
 pub use residual::{ResidualBlock, ResidualStage, Skip, SqueezeExcite};
 pub use unet::{Decoder, DecoderStageLayers, Encoder};
 
+use crate::arch::{Architecture, Nonlin, SePool};
 use crate::autograd::{ParamId, ParamStore};
 use crate::device::op::Act;
-use crate::model::{Architecture, Nonlin, SePool};
 use crate::tensor::Shape;
 use anyhow::{Result, ensure};
 

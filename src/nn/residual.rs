@@ -3,9 +3,9 @@
 
 use super::LayerSettings;
 use super::conv::{Conv, ConvNormAct, ConvSpec};
+use crate::arch::{EncoderBlock, SePool, se_reduced_channels};
 use crate::autograd::{Graph, ParamStore, Var};
 use crate::device::op::Act;
-use crate::model::{EncoderBlock, SePool, se_reduced_channels};
 use crate::ops::{activation, elementwise, pool, reduce};
 use anyhow::{Context, Result};
 

@@ -4,8 +4,8 @@
 use super::LayerSettings;
 use super::conv::{Conv, ConvNormAct, ConvSpec, TransposedConv};
 use super::residual::{ResidualBlock, ResidualStage};
+use crate::arch::{Architecture, DecoderStage};
 use crate::autograd::{Graph, ParamStore, Var};
-use crate::model::{Architecture, DecoderStage};
 use crate::ops::elementwise;
 use anyhow::{Result, ensure};
 

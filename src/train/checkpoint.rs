@@ -11,9 +11,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::arch::Architecture;
 use crate::autograd::ParamStore;
 use crate::data::normalize::CtStats;
-use crate::model::{Architecture, weights};
+use crate::model::weights;
 use crate::optim::OptimizerState;
 use crate::tensor::{Tensor, io};
 

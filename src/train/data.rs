@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, ensure};
 
 use super::trainer::BatchSource;
+use crate::arch::Architecture;
 use crate::config::Config;
 use crate::data::Batch;
 use crate::data::dataset::Dataset;
@@ -13,7 +14,6 @@ use crate::data::loader::{Loader, LoaderOptions};
 use crate::data::normalize::CtStats;
 use crate::data::sampling::split_volumes;
 use crate::data::zarr::ChunkCache;
-use crate::model::Architecture;
 
 /// Decoded chunks kept in memory, shared by every volume.
 const CHUNK_CACHE_BYTES: usize = 1 << 30;

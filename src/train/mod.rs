@@ -5,5 +5,6 @@ pub mod data;
 pub mod gif;
 pub mod log;
 pub mod metrics;
+pub mod plan;
 pub mod tensorboard;
 pub mod trainer;

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use unet3d::model::{Architecture, Block, Nonlin, Norm, SePool, Target};
+use unet3d::arch::{Architecture, Block, Nonlin, Norm, SePool, Target};
 use unet3d::tensor::{Tensor, io, layout};
 
 /// A fresh, empty folder under the system temp dir for this test process and `name`.

@@ -6,7 +6,7 @@ use std::fmt;
 use anyhow::{Result, bail, ensure};
 use serde::Serialize;
 
-use super::arch::{Architecture, Block};
+use super::spec::{Architecture, Block};
 
 /// ResEncM's reference: a network whose feature-map size is 680e6 trains batch 2 in 8 GB.
 pub const RESENC_M_REFERENCE_VAL: f64 = 680e6;

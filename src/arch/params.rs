@@ -1,7 +1,7 @@
 //! Parameter names and PyTorch shapes of the network an [`Architecture`] describes, following
 //! dynamic_network_architectures' state dict so weights move both ways between PyTorch and unet3d.
 
-use super::arch::{Architecture, Block, DecoderStage, EncoderBlock};
+use super::spec::{Architecture, Block, DecoderStage, EncoderBlock};
 use crate::device::op::se_reduced_channels;
 
 /// One parameter tensor: its state-dict name and its shape in PyTorch's layout
