@@ -10,6 +10,7 @@ use unet3d::config::{Activation, Config, Normalization, OutputType};
 use unet3d::data::normalize::Normalizer;
 use unet3d::data::zarr::{ChunkCache, ZarrArray};
 use unet3d::data::{DType, InMemoryArray, VolumeArray};
+use unet3d::device::Device;
 use unet3d::infer::tiles::{overlap_box, steps};
 use unet3d::infer::{
     Job, Mirroring, NetworkPredictor, OutputTarget, RunOptions, Shard, SlidingWindow, TileGrid,
@@ -317,4 +318,76 @@ fn demo_sized_network_blends_the_same_bytes_whatever_the_box() {
     let part = w.blend(lo, size, &mut |_| {}).unwrap().remove(0);
     let whole_box = InMemoryArray::new("w", shape, 1, DType::F32, whole).unwrap().read(lo, size).unwrap();
     assert!(part == whole_box, "a box's blend differs from the whole volume's");
+}
+
+/// Runs the tiny two-target network over `v` with mirroring on `device` into a fresh folder;
+/// returns each target's written volume and the run's summary.
+fn run_on(device: Device, v: &InMemoryArray, shape: [usize; 3]) -> (Vec<Vec<f32>>, unet3d::infer::Summary) {
+    let config = tiny_config(8);
+    let arch = config.architecture().unwrap();
+    let mut store = init::initialize(&arch, 5).unwrap();
+    store.to_device(device).unwrap();
+    let network = Network::new(&arch, &store).unwrap();
+    let names = ["sheet".to_string(), "normals".to_string()];
+    let predictor = Mirroring(NetworkPredictor::new(network, store, &names).unwrap());
+    assert_eq!(predictor.device(), device);
+    let norm = no_norm();
+    let window = SlidingWindow::new(v, &norm, &predictor, vec![2, 3], [8, 8, 8], 0.5, 3).unwrap();
+    let target = |name: &str, channels, activation| OutputTarget {
+        name: name.into(),
+        channels,
+        activation,
+        vectors: false,
+        output_type: OutputType::Float32,
+    };
+    let targets = vec![target("sheet", 2, Activation::Softmax), target("normals", 3, Activation::None)];
+    let job = Job { window, targets, provenance: serde_json::json!({"model": "tiny, seed 5"}) };
+    let dir = std::env::temp_dir().join(format!("unet3d-infer-{device}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let opts = RunOptions {
+        output_path: dir.clone(),
+        shard: Shard::WHOLE,
+        overwrite: false,
+        max_blocks: None,
+        block_bytes: 1 << 14,
+        show_progress: false,
+    };
+    let summary = run(&job, &opts).unwrap();
+    let cache = ChunkCache::new(1 << 20);
+    let got = names
+        .iter()
+        .zip([2, 3])
+        .map(|(name, c)| {
+            let arr = ZarrArray::open(&dir.join("predictions.zarr").join(name), c, &cache).unwrap();
+            arr.read([0; 3], shape).unwrap()
+        })
+        .collect();
+    std::fs::remove_dir_all(&dir).unwrap();
+    (got, summary)
+}
+
+/// Inference of a volume on the sim: the network, mirroring and the Gaussian blending all on the
+/// device, the CPU's output within 1e-5, and each finished block downloaded once (its blended
+/// logits, nothing else).
+#[test]
+fn inference_on_the_sim_matches_the_cpu_and_downloads_each_block_once() {
+    let shape = [10, 12, 14];
+    let v = volume(shape);
+    let (want, cpu) = run_on(Device::Cpu, &v, shape);
+    assert!(cpu.device.is_empty(), "no device counters on the CPU");
+    let (got, sim) = run_on(Device::Sim, &v, shape);
+    assert_eq!((sim.computed, sim.tiles), (cpu.computed, cpu.tiles));
+    assert!(sim.computed >= 4, "{} blocks", sim.computed);
+    for (name, (g, w)) in ["sheet", "normals"].iter().zip(got.iter().zip(&want)) {
+        let worst = g.iter().zip(w).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0.0, f32::max);
+        assert!(worst <= 1e-5, "{name}: the sim is {worst:e} from the CPU");
+    }
+    assert_eq!(sim.device.len(), sim.computed);
+    let blocks = unet3d::infer::Blocks::fitting(shape, [8, 8, 8], 4 * (1 + 5), 1 << 14).unwrap();
+    for (b, c) in sim.device.iter().enumerate() {
+        let (_, size) = blocks.block(b);
+        let voxels: usize = size.iter().product();
+        assert_eq!(c.device_to_host_bytes, (4 * voxels * 5) as u64, "block {b}: {c}");
+        assert!(c.launches > 0, "block {b}: {c}");
+    }
 }

@@ -108,11 +108,8 @@ impl ParamStore {
     /// Scales every gradient by `s` in place (on the gradients' device).
     pub fn scale_grads(&mut self, s: f32) -> anyhow::Result<()> {
         for (name, g) in self.names.iter().zip(&mut self.grads) {
-            let Some(g) = g else { continue };
-            if g.device() == Device::Cpu {
-                crate::device::cpu::optim::scale_in_place(g.data_mut(), s);
-            } else {
-                kernels::elementwise::scale_in_place(g.gpu_mut(&format!("gradient of '{name}'"))?, s)?;
+            if let Some(g) = g {
+                g.scale_in_place(s, &format!("gradient of '{name}'"))?;
             }
         }
         Ok(())
@@ -201,15 +198,7 @@ impl ParamStore {
 
 /// `acc += g`, element-wise, for tensors of one shape on one device (in place on a kernel device).
 pub(crate) fn add_into(acc: &mut Tensor, g: &Tensor) -> anyhow::Result<()> {
-    crate::ops::same_device("gradient accumulation", &[acc, g])?;
-    if acc.device() == Device::Cpu {
-        for (a, b) in acc.data_mut().iter_mut().zip(g.data()) {
-            *a += *b;
-        }
-        return Ok(());
-    }
-    let g = g.gpu("gradient accumulation")?;
-    kernels::elementwise::axpy_in_place(acc.gpu_mut("gradient accumulation")?, 1.0, g)
+    acc.add_assign(g, "gradient accumulation")
 }
 
 /// `dst = src` into `dst`'s buffer (same shape and device), so a gradient keeps its buffer.

@@ -9,6 +9,7 @@
 
 use anyhow::{Context, Result, ensure};
 use rayon::prelude::*;
+use std::sync::OnceLock;
 
 use super::gaussian::importance_map;
 use super::predictor::TilePredictor;
@@ -17,6 +18,9 @@ use crate::config::{Activation, OutputType};
 use crate::data::VolumeArray;
 use crate::data::normalize::Normalizer;
 use crate::device::cpu::activation::{sigmoid_forward, softmax_forward};
+use crate::device::kernels::GpuTensor;
+use crate::device::kernels::blend::{self, WindowPart};
+use crate::device::launch::Gpu;
 use crate::tensor::Tensor;
 
 /// A written target.
@@ -60,6 +64,8 @@ pub struct SlidingWindow<'a> {
     channels: Vec<usize>,
     overlap: f64,
     batch_size: usize,
+    /// `gaussian` on the predictor's kernel device, once it is needed there.
+    gaussian_device: OnceLock<GpuTensor>,
 }
 
 impl<'a> SlidingWindow<'a> {
@@ -91,11 +97,17 @@ impl<'a> SlidingWindow<'a> {
             channels,
             overlap,
             batch_size,
+            gaussian_device: OnceLock::new(),
         })
     }
 
     pub fn overlap(&self) -> f64 {
         self.overlap
+    }
+
+    /// Where the predictor runs and the boxes are blended.
+    pub fn device(&self) -> crate::device::Device {
+        self.predictor.device()
     }
 
     /// A window's normalised input, zero where it leaves the volume (nnU-Net pads the normalised
@@ -151,7 +163,8 @@ impl<'a> SlidingWindow<'a> {
 
     /// The Gaussian-weighted mean of the logits of every window that meets the box at `lo` of
     /// `size`, per target (D, H, W, C_t). Each voxel sums its windows in global order, so the
-    /// result does not depend on the box. `on_batch` hears how many windows each batch held.
+    /// result does not depend on the box. On a kernel device the sums stay there and each
+    /// finished box comes down once. `on_batch` hears how many windows each batch held.
     pub fn blend(
         &self,
         lo: [usize; 3],
@@ -159,29 +172,105 @@ impl<'a> SlidingWindow<'a> {
         on_batch: &mut dyn FnMut(usize),
     ) -> Result<Vec<Vec<f32>>> {
         let hi = add(lo, size);
-        let voxels: usize = size.iter().product();
-        let mut sums: Vec<Vec<f32>> = self.channels.iter().map(|&c| vec![0.0; voxels * c]).collect();
-        let mut weights = vec![0.0f32; voxels];
         let patch = self.grid.patch;
-        let tile_voxels: usize = patch.iter().product();
+        let mut sums = Sums::new(self, size)?;
         for tiles in self.grid.touching(lo, hi).chunks(self.batch_size) {
             let outputs = self.predict_batch(tiles)?;
             for (b, tile) in tiles.iter().enumerate() {
                 let Some(part) = overlap_box(tile.start, patch, lo, hi) else { continue };
-                let place = Placement { lo, size, patch, part };
-                place.add(&mut weights, 1, &|i, _| self.gaussian[i]);
-                for (sum, (out, &c)) in sums.iter_mut().zip(outputs.iter().zip(&self.channels)) {
-                    let logits = &out.data()[b * tile_voxels * c..(b + 1) * tile_voxels * c];
-                    place.add(sum, c, &|i, k| self.gaussian[i] * logits[i * c + k]);
-                }
+                sums.add(self, Placement { lo, size, patch, part }, &outputs, b)?;
             }
             on_batch(tiles.len());
         }
-        for (sum, &c) in sums.iter_mut().zip(&self.channels) {
-            sum.par_chunks_mut(c).zip(&weights).for_each(|(v, &w)| v.iter_mut().for_each(|x| *x /= w));
-        }
-        Ok(sums)
+        sums.finish()
     }
+
+    /// The importance map on `gpu`, uploaded once per run.
+    fn gaussian_on(&self, gpu: &Gpu) -> Result<&GpuTensor> {
+        if let Some(g) = self.gaussian_device.get() {
+            return Ok(g);
+        }
+        let g = GpuTensor::from_host(gpu, self.grid.patch.to_vec(), &self.gaussian)?;
+        Ok(self.gaussian_device.get_or_init(|| g))
+    }
+}
+
+/// A box's weighted sums and weights, where the predictor's logits are.
+enum Sums<'w> {
+    Host { sums: Vec<Vec<f32>>, weights: Vec<f32>, channels: Vec<usize> },
+    Device { sums: Vec<GpuTensor>, weights: GpuTensor, gaussian: &'w GpuTensor },
+}
+
+impl<'w> Sums<'w> {
+    fn new(window: &'w SlidingWindow<'_>, size: [usize; 3]) -> Result<Self> {
+        let voxels: usize = size.iter().product();
+        let device = window.predictor.device();
+        let Some(gpu) = Gpu::of(device)? else {
+            let sums = window.channels.iter().map(|&c| vec![0.0; voxels * c]).collect();
+            return Ok(Sums::Host { sums, weights: vec![0.0; voxels], channels: window.channels.clone() });
+        };
+        let box_of = |c: usize| GpuTensor::zeros(&gpu, vec![size[0], size[1], size[2], c]);
+        Ok(Sums::Device {
+            sums: window.channels.iter().map(|&c| box_of(c)).collect::<Result<_>>()?,
+            weights: box_of(1)?,
+            gaussian: window.gaussian_on(&gpu)?,
+        })
+    }
+
+    /// Adds window `b` of the batch's `outputs` over its part of the box.
+    fn add(
+        &mut self,
+        window: &SlidingWindow<'_>,
+        place: Placement,
+        outputs: &[Tensor],
+        b: usize,
+    ) -> Result<()> {
+        match self {
+            Sums::Host { sums, weights, .. } => {
+                let tile_voxels: usize = place.patch.iter().product();
+                let gaussian = &window.gaussian;
+                place.add(weights, 1, &|i, _| gaussian[i]);
+                for (sum, (out, &c)) in sums.iter_mut().zip(outputs.iter().zip(&window.channels)) {
+                    let logits = &out.data()[b * tile_voxels * c..(b + 1) * tile_voxels * c];
+                    place.add(sum, c, &|i, k| gaussian[i] * logits[i * c + k]);
+                }
+            }
+            Sums::Device { sums, weights, gaussian } => {
+                let (at, in_window, size) = place.part;
+                let part = WindowPart { in_box: sub(at, place.lo), in_window, size };
+                blend::add_weight(weights, gaussian, part)?;
+                for (sum, out) in sums.iter_mut().zip(outputs) {
+                    blend::add_window(sum, out.gpu("blending")?, b, gaussian, part)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The sums over the weights, on the host.
+    fn finish(self) -> Result<Vec<Vec<f32>>> {
+        match self {
+            Sums::Host { mut sums, weights, channels } => {
+                for (sum, c) in sums.iter_mut().zip(channels) {
+                    sum.par_chunks_mut(c)
+                        .zip(&weights)
+                        .for_each(|(v, &w)| v.iter_mut().for_each(|x| *x /= w));
+                }
+                Ok(sums)
+            }
+            Sums::Device { sums, weights, .. } => sums
+                .into_iter()
+                .map(|mut sum| {
+                    blend::divide(&mut sum, &weights)?;
+                    sum.to_vec().context("downloading a blended box")
+                })
+                .collect(),
+        }
+    }
+}
+
+fn sub(a: [usize; 3], b: [usize; 3]) -> [usize; 3] {
+    std::array::from_fn(|i| a[i] - b[i])
 }
 
 fn add(a: [usize; 3], b: [usize; 3]) -> [usize; 3] {

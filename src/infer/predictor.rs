@@ -8,14 +8,20 @@ use crate::autograd::ParamStore;
 use crate::config::Activation;
 use crate::data::augment::spatial::flip_in_place;
 use crate::device::Device;
+use crate::device::kernels::blend as kernels;
 use crate::model::Network;
 use crate::tensor::Tensor;
 
 /// A model over batches of windows: (N, D, H, W, C_in) in, one (N, D, H, W, C_t) tensor of
-/// logits (before any activation: activations apply after blending) per written target out.
+/// logits (before any activation: activations apply after blending) per written target out, on
+/// the predictor's [`device`](Self::device) (where the blending then happens too).
 pub trait TilePredictor: Sync {
     fn in_channels(&self) -> usize;
     fn predict(&self, batch: &Tensor) -> Result<Vec<Tensor>>;
+    /// Where the logits come out.
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
 }
 
 /// The network's full-resolution heads of the targets it writes.
@@ -54,18 +60,20 @@ impl TilePredictor for NetworkPredictor {
         self.network.architecture().in_channels
     }
 
-    /// One batched forward pass on the store's device (the batch uploaded, the written logits
-    /// downloaded). The CPU backend computes each sample of a batch exactly as it would alone,
-    /// so blocks and shards, which batch different windows together, give the same bytes.
+    /// One batched forward pass on the store's device (the batch uploaded when it is not there),
+    /// the written logits left there. The CPU backend computes each sample of a batch exactly as
+    /// it would alone, so blocks and shards, which batch different windows together, give the
+    /// same bytes.
     fn predict(&self, batch: &Tensor) -> Result<Vec<Tensor>> {
         let none = vec![Activation::None; self.network.architecture().targets.len()];
-        let device = self.store.device();
+        let device = self.device();
         let x = batch.to_device(device).with_context(|| format!("uploading a batch to {device}"))?;
         let all = self.network.predict(&self.store, &x, &none)?;
-        self.outputs
-            .iter()
-            .map(|&t| all[t].to_device(Device::Cpu).context("downloading the logits"))
-            .collect()
+        Ok(self.outputs.iter().map(|&t| all[t].clone()).collect())
+    }
+
+    fn device(&self) -> Device {
+        self.store.device()
     }
 }
 
@@ -89,30 +97,35 @@ impl<P: TilePredictor> TilePredictor for Mirroring<P> {
         self.0.in_channels()
     }
 
+    /// On the inner predictor's device: the batch moves there once and is flipped there.
     fn predict(&self, batch: &Tensor) -> Result<Vec<Tensor>> {
-        let mut sums: Vec<Vec<f32>> = self.0.predict(batch)?.into_iter().map(Tensor::into_vec).collect();
+        let batch = batch.to_device(self.device())?;
+        let mut sums = self.0.predict(&batch)?;
         for axes in MIRROR_AXES {
-            let outputs = self.0.predict(&flip(batch, axes)?)?;
+            let outputs = self.0.predict(&flip(&batch, axes)?)?;
             for (sum, out) in sums.iter_mut().zip(outputs) {
-                let back = flip(&out, axes)?;
-                sum.iter_mut().zip(back.data()).for_each(|(s, v)| *s += v);
+                sum.add_assign(&flip(&out, axes)?, "mirroring")?;
             }
         }
-        let [n, d, h, w, _] = batch.shape().ndhwc()?;
-        let count = (MIRROR_AXES.len() + 1) as f32;
-        sums.into_iter()
-            .map(|mut s| {
-                s.iter_mut().for_each(|v| *v /= count);
-                let c = s.len() / (n * d * h * w);
-                Tensor::from_vec(vec![n, d, h, w, c], s)
-            })
-            .collect()
+        // 1/8, a power of two: the same bits as dividing by the count.
+        let scale = 1.0 / (MIRROR_AXES.len() + 1) as f32;
+        for sum in &mut sums {
+            sum.scale_in_place(scale, "mirroring")?;
+        }
+        Ok(sums)
+    }
+
+    fn device(&self) -> Device {
+        self.0.device()
     }
 }
 
-/// A channels-last (N, D, H, W, C) tensor reversed along the chosen spatial axes.
+/// A channels-last (N, D, H, W, C) tensor reversed along the chosen spatial axes, on its device.
 pub fn flip(t: &Tensor, axes: [bool; 3]) -> Result<Tensor> {
     let [n, d, h, w, c] = t.shape().ndhwc()?;
+    if t.device() != Device::Cpu {
+        return Ok(Tensor::from_gpu(kernels::flip(t.gpu("flip")?, axes)?));
+    }
     ensure!(t.numel() == n * d * h * w * c, "flip: tensor {} is not contiguous", t.shape());
     let mut data = t.data().to_vec();
     let sample = d * h * w * c;

@@ -22,6 +22,7 @@ use super::shard::{Blocks, Shard};
 use crate::config::OutputType;
 use crate::data::DType;
 use crate::data::zarr::{ArraySpec, ZarrWriter};
+use crate::device::launch::{DeviceCounters, Gpu};
 use crate::tensor::io::write_atomic;
 
 /// How long a job waits for the job that claimed `run.json` to create the arrays.
@@ -63,6 +64,8 @@ pub struct Summary {
     pub tiles: usize,
     /// Every block of this job is finished.
     pub done: bool,
+    /// On a kernel device, what each computed block moved and launched (in `computed` order).
+    pub device: Vec<DeviceCounters>,
 }
 
 /// The store's paths.
@@ -131,10 +134,15 @@ pub fn run(job: &Job<'_>, opts: &RunOptions) -> Result<Summary> {
         })
         .collect();
     let bar = progress_bar(opts, tiles.iter().sum(), todo.len());
+    let gpu = Gpu::of(job.window.device())?;
+    let mut device = Vec::new();
     for (n, &b) in todo.iter().enumerate() {
         bar.set_message(format!("block {}/{}", n + 1, todo.len()));
         let (lo, size) = blocks.block(b);
+        let before = gpu.as_ref().map(Gpu::counters);
         let blended = job.window.blend(lo, size, &mut |k| bar.inc(k as u64))?;
+        let moved = gpu.as_ref().zip(before).map(|(g, c)| g.counters().since(&c));
+        device.extend(moved);
         for ((target, writer), logits) in job.targets.iter().zip(&writers).zip(blended) {
             let values = finish(target, logits);
             for (start, n) in blocks.chunks_in(lo, size) {
@@ -144,7 +152,7 @@ pub fn run(job: &Job<'_>, opts: &RunOptions) -> Result<Summary> {
         }
         write_atomic(&layout.finished(b), b"")?;
         if opts.show_progress && bar.is_hidden() {
-            log_block(&bar, n + 1, todo.len(), b);
+            log_block(&bar, n + 1, todo.len(), b, moved);
         }
     }
     bar.finish_and_clear();
@@ -154,6 +162,7 @@ pub fn run(job: &Job<'_>, opts: &RunOptions) -> Result<Summary> {
         skipped,
         tiles: tiles.iter().sum(),
         done: todo.len() == pending.len(),
+        device,
     })
 }
 
@@ -189,12 +198,14 @@ fn differences(a: &Value, b: &Value, path: &str, out: &mut Vec<String>) {
 }
 
 /// Where no terminal shows the bar (a batch job's log), one line per finished block.
-fn log_block(bar: &ProgressBar, n: usize, of: usize, block: usize) {
+/// With the block's device counters on a kernel device.
+fn log_block(bar: &ProgressBar, n: usize, of: usize, block: usize, device: Option<DeviceCounters>) {
     let (done, total) = (bar.position(), bar.length().unwrap_or(0));
     let rate = done as f64 / bar.elapsed().as_secs_f64().max(1e-9);
     let eta = (total - done) as f64 / rate.max(1e-9);
+    let device = device.map(|c| format!("; device: {c}")).unwrap_or_default();
     eprintln!(
-        "infer: block {block} done ({n}/{of}): {done}/{total} windows, {rate:.2} windows/s, ETA {eta:.0}s"
+        "infer: block {block} done ({n}/{of}): {done}/{total} windows, {rate:.2} windows/s, ETA {eta:.0}s{device}"
     );
 }
 

@@ -8,7 +8,7 @@ mod shape;
 pub use shape::Shape;
 
 use crate::device::Device;
-use crate::device::kernels::GpuTensor;
+use crate::device::kernels::{GpuTensor, elementwise};
 use crate::device::launch::Gpu;
 use std::sync::Arc;
 
@@ -223,6 +223,31 @@ impl Tensor {
             Storage::Device(t) => Storage::Device(t.clone().reshape(shape.clone())?),
         };
         Ok(Tensor { shape, storage })
+    }
+
+    /// `self += x` element-wise, in place on the tensors' device (same shape and device).
+    pub fn add_assign(&mut self, x: &Tensor, what: &str) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.device() == x.device(),
+            "{what}: tensors on {} and {}",
+            self.device(),
+            x.device()
+        );
+        anyhow::ensure!(self.shape == x.shape, "{what}: shapes {} and {} differ", self.shape, x.shape);
+        match &x.storage {
+            Storage::Host(b) => self.data_mut().iter_mut().zip(&b.0).for_each(|(a, v)| *a += *v),
+            Storage::Device(g) => elementwise::axpy_in_place(self.gpu_mut(what)?, 1.0, g)?,
+        }
+        Ok(())
+    }
+
+    /// `self *= s` in place on the tensor's device.
+    pub fn scale_in_place(&mut self, s: f32, what: &str) -> anyhow::Result<()> {
+        match self.storage {
+            Storage::Host(_) => crate::device::cpu::optim::scale_in_place(self.data_mut(), s),
+            Storage::Device(_) => elementwise::scale_in_place(self.gpu_mut(what)?, s)?,
+        }
+        Ok(())
     }
 
     /// Fails with a message naming `what` unless the shape is exactly `expected`.

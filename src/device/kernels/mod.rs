@@ -5,6 +5,7 @@
 
 pub mod activation;
 pub mod bench;
+pub mod blend;
 pub mod conv;
 pub mod elementwise;
 pub mod loss;
