@@ -260,14 +260,7 @@ fn raw_logits_of_a_one_window_volume_equal_the_network_forward() {
     };
     let dir = std::env::temp_dir().join(format!("unet3d-infer-logits-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let opts = RunOptions {
-        output_path: dir.clone(),
-        shard: Shard::WHOLE,
-        overwrite: false,
-        max_blocks: None,
-        block_bytes: 1 << 20,
-        show_progress: false,
-    };
+    let opts = whole_job(&dir, 1 << 20);
     let summary = run(&job, &opts).unwrap();
     assert_eq!((summary.computed, summary.tiles, summary.done), (1, 1, true));
     let cache = ChunkCache::new(1 << 20);
@@ -320,6 +313,18 @@ fn demo_sized_network_blends_the_same_bytes_whatever_the_box() {
     assert!(part == whole_box, "a box's blend differs from the whole volume's");
 }
 
+/// One unsharded job into `dir`, blocks of at most `block_bytes`.
+fn whole_job(dir: &std::path::Path, block_bytes: usize) -> RunOptions {
+    RunOptions {
+        output_path: dir.to_path_buf(),
+        shard: Shard::WHOLE,
+        overwrite: false,
+        max_blocks: None,
+        block_bytes,
+        show_progress: false,
+    }
+}
+
 /// Runs the tiny two-target network over `v` with mirroring on `device` into a fresh folder;
 /// returns each target's written volume and the run's summary.
 fn run_on(device: Device, v: &InMemoryArray, shape: [usize; 3]) -> (Vec<Vec<f32>>, unet3d::infer::Summary) {
@@ -344,14 +349,7 @@ fn run_on(device: Device, v: &InMemoryArray, shape: [usize; 3]) -> (Vec<Vec<f32>
     let job = Job { window, targets, provenance: serde_json::json!({"model": "tiny, seed 5"}) };
     let dir = std::env::temp_dir().join(format!("unet3d-infer-{device}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let opts = RunOptions {
-        output_path: dir.clone(),
-        shard: Shard::WHOLE,
-        overwrite: false,
-        max_blocks: None,
-        block_bytes: 1 << 14,
-        show_progress: false,
-    };
+    let opts = whole_job(&dir, 1 << 14);
     let summary = run(&job, &opts).unwrap();
     let cache = ChunkCache::new(1 << 20);
     let got = names
