@@ -123,7 +123,7 @@ impl ParamStore {
     pub fn accumulate_grad(&mut self, id: ParamId, g: Tensor) -> anyhow::Result<()> {
         let name = &self.names[id.0];
         g.expect_shape(&format!("gradient of '{name}'"), self.values[id.0].dims())?;
-        crate::ops::same_device(&format!("gradient of '{name}'"), &[&self.values[id.0], &g])?;
+        crate::tensor::same_device(&format!("gradient of '{name}'"), &[&self.values[id.0], &g])?;
         match (&mut self.grads[id.0], self.spare[id.0].take()) {
             (Some(acc), _) => add_into(acc, &g)?,
             (slot @ None, Some(mut buf)) if buf.device() == g.device() => {

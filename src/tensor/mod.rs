@@ -3,9 +3,7 @@
 pub mod io;
 pub mod layout;
 pub mod memory;
-mod shape;
-
-pub use shape::Shape;
+pub use crate::device::shape::Shape;
 
 use crate::device::Device;
 use crate::device::kernels::{GpuTensor, elementwise};
@@ -265,6 +263,31 @@ impl Tensor {
     pub fn expect_cpu(&self, what: &str) -> anyhow::Result<()> {
         anyhow::ensure!(self.device() == Device::Cpu, "{what}: tensor is on {}, expected cpu", self.device());
         Ok(())
+    }
+}
+
+/// The device every tensor of `ts` lives on; an error naming `op` and both devices when two differ.
+pub fn same_device(op: &str, ts: &[&Tensor]) -> anyhow::Result<Device> {
+    let first = ts.first().map_or(Device::Cpu, |t| t.device());
+    if let Some(other) = ts.iter().map(|t| t.device()).find(|&d| d != first) {
+        anyhow::bail!(
+            "{op}: operands on different devices ({first} and {other}); move them to one with to_device"
+        );
+    }
+    Ok(first)
+}
+
+/// The host<->device copies of a kernel device's tensors, at the tensor layer (the kernels below
+/// know buffers and shapes, not host tensors).
+impl GpuTensor {
+    /// Copies a host tensor's data to `gpu`.
+    pub fn upload(gpu: &Gpu, t: &Tensor) -> anyhow::Result<Self> {
+        Self::from_host(gpu, t.shape().clone(), t.data())
+    }
+
+    /// Copies the tensor to the host (waiting for the kernels that write it).
+    pub fn to_host(&self) -> anyhow::Result<Tensor> {
+        Tensor::from_vec(self.shape().clone(), self.to_vec()?)
     }
 }
 

@@ -10,7 +10,7 @@ use crate::device::op::Act;
 use crate::device::op::AdamHyper;
 use crate::device::op::SoftmaxLoss;
 use crate::device::op::{SePool, se_reduced_channels};
-use crate::tensor::{Shape, Tensor};
+use crate::device::shape::Shape;
 
 /// One measured kernel (or short sequence of launches making one op).
 #[derive(Clone, Debug)]
@@ -31,7 +31,7 @@ fn pattern(n: usize, salt: usize) -> Vec<f32> {
 }
 
 fn tensor(gpu: &Gpu, dims: &[usize], salt: usize) -> Result<GpuTensor> {
-    GpuTensor::upload(gpu, &Tensor::from_vec(dims, pattern(dims.iter().product(), salt))?)
+    GpuTensor::from_host(gpu, dims, &pattern(dims.iter().product(), salt))
 }
 
 /// Runs every benchmark on `gpu`.
@@ -166,7 +166,7 @@ pub fn run_fused(gpu: &Gpu, opts: &KernelBenchOptions) -> Result<Vec<KernelBench
     let vox = n * d * h * w;
     let x = tensor(gpu, &logits, 900)?;
     let labels: Vec<f32> = (0..vox).map(|i| ((i * 7919) % c) as f32).collect();
-    let labels = GpuTensor::upload(gpu, &Tensor::from_vec([n, d, h, w, 1], labels)?)?;
+    let labels = GpuTensor::from_host(gpu, [n, d, h, w, 1], &labels)?;
     let cfg = SoftmaxLoss {
         ce_scale: 1.0 / vox as f64,
         dice_weight: 1.0,

@@ -6,7 +6,7 @@ use anyhow::{Result, ensure};
 use super::{GpuTensor, items, reduce, same_device, same_shape};
 use crate::device::launch::{Arg, Kernel, to_i32};
 use crate::device::op::Bcast;
-use crate::tensor::Shape;
+use crate::device::shape::Shape;
 
 fn binary(kernel: Kernel, op: &str, a: &GpuTensor, b: &GpuTensor) -> Result<GpuTensor> {
     same_shape(op, a, b)?;

@@ -11,7 +11,7 @@ use crate::device::launch::{
     Arg, DeviceScalar, Gpu, GpuBuffer, Kernel, LaunchConfig, MAX_DYNAMIC_SHARED, to_i32,
 };
 use crate::device::op::{BceDice, LabelSmoothing, Pointwise, Slices, SoftmaxLoss};
-use crate::tensor::Shape;
+use crate::device::shape::Shape;
 
 /// Threads per block of the voxel-parallel loss kernels (`kLossThreads`).
 const THREADS: usize = 256;

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use anyhow::{Result, ensure};
 
 use super::launch::{Arg, Gpu, GpuBuffer, Kernel, LaunchConfig};
-use crate::tensor::{Shape, Tensor};
+use crate::device::shape::Shape;
 
 /// Threads per block of the grid-stride kernels.
 const THREADS: u32 = 256;
@@ -46,11 +46,6 @@ impl std::fmt::Debug for GpuTensor {
 }
 
 impl GpuTensor {
-    /// Copies a host tensor's data to `gpu`.
-    pub fn upload(gpu: &Gpu, t: &Tensor) -> Result<Self> {
-        Self::from_host(gpu, t.shape().clone(), t.data())
-    }
-
     /// Copies `data` (shaped `shape`) to `gpu`.
     pub fn from_host(gpu: &Gpu, shape: impl Into<Shape>, data: &[f32]) -> Result<Self> {
         let shape = shape.into();
@@ -75,11 +70,6 @@ impl GpuTensor {
     fn output(gpu: &Gpu, shape: impl Into<Shape>) -> Result<Self> {
         let shape = shape.into();
         Ok(GpuTensor { gpu: gpu.clone(), buf: Arc::new(gpu.alloc(shape.numel())?), shape })
-    }
-
-    /// Copies the tensor to the host (waiting for the kernels that write it).
-    pub fn to_host(&self) -> Result<Tensor> {
-        Tensor::from_vec(self.shape.clone(), self.to_vec()?)
     }
 
     /// The elements on the host (waiting for the kernels that write them).

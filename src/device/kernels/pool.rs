@@ -5,7 +5,7 @@ use anyhow::{Result, ensure};
 use super::{GpuTensor, items};
 use crate::device::cpu::pool::avg_pool_out_dims;
 use crate::device::launch::{Arg, Kernel, to_i32};
-use crate::tensor::Shape;
+use crate::device::shape::Shape;
 
 /// The `int` arguments both kernels take: input dims, output dims, window.
 fn dims_args(op: &str, dims: [usize; 5], k: [usize; 3]) -> Result<Vec<Arg<'static>>> {

@@ -7,7 +7,7 @@ use super::elementwise::{bcast_expand, bcast_view};
 use super::{GpuTensor, items, same_shape};
 use crate::device::launch::{Arg, Kernel, LaunchConfig, to_i32};
 use crate::device::op::Bcast;
-use crate::tensor::Shape;
+use crate::device::shape::Shape;
 
 /// Rows of the middle axis per partial sum; more when the grid's y limit needs it.
 const ROWS_PER_CHUNK: usize = 512;

@@ -10,7 +10,7 @@ use super::reduce::{mean_over, sum_mid};
 use super::{GpuTensor, items, same_device, same_shape};
 use crate::device::launch::{Arg, Kernel, LaunchConfig, MAX_DYNAMIC_SHARED, to_i32};
 use crate::device::op::SePool;
-use crate::tensor::Shape;
+use crate::device::shape::Shape;
 
 /// Threads per block of the per-row layer kernels (rows are at most a few hundred channels).
 const ROW_THREADS: u32 = 128;
