@@ -331,12 +331,11 @@ impl Trainer {
     }
 
     /// Per target, its deep-supervised loss (nnU-Net's weights over the heads) on `g`.
-    fn target_losses(&self, g: &mut Graph, batch: &Batch, outputs: &[Vec<Var>]) -> Result<Vec<Var>> {
-        let labels = self.batch_labels(batch, outputs.first().map_or(0, Vec::len))?;
+    fn target_losses(&self, g: &mut Graph, batch: &Staged, outputs: &[Vec<Var>]) -> Result<Vec<Var>> {
         let targets = &self.config.dataset_config.targets;
         targets
             .iter()
-            .zip(&labels)
+            .zip(&batch.labels)
             .zip(outputs)
             .map(|((t, labels), heads)| {
                 let inputs = if metrics::needs_probabilities(t) {
@@ -351,8 +350,17 @@ impl Trainer {
             .collect()
     }
 
-    /// Per target (config order) the batch's label maps for the network's `heads` outputs on the
-    /// training device, after checking that the batch has the config's targets at enough scales.
+    /// The batch's input and, per target (config order), its label maps for the network's heads,
+    /// uploaded to the training device, after checking that the batch has the config's targets at
+    /// enough scales. From page-locked memory on cuda: the copies queue behind the kernels already
+    /// running, so staging the next batch overlaps the current step's compute.
+    fn stage(&self, batch: Batch) -> Result<Staged> {
+        let heads = if self.arch.deep_supervision { self.arch.n_stages() - 1 } else { 1 };
+        let input = batch.input.to_device(self.device).context("uploading the batch")?;
+        let labels = self.batch_labels(&batch, heads)?;
+        Ok(Staged { batch, input, labels })
+    }
+
     fn batch_labels(&self, batch: &Batch, heads: usize) -> Result<Vec<Vec<Tensor>>> {
         let targets = &self.config.dataset_config.targets;
         ensure!(
@@ -394,16 +402,21 @@ impl Trainer {
         let (mut norm_sum, mut norms) = (0.0, 0usize);
         let (start, mut patches, mut in_group) = (Instant::now(), 0usize, 0usize);
         self.store.zero_grad();
+        let mut fetch =
+            |index: u64| data.train_batch(index).with_context(|| format!("training batch {index}"));
+        let mut next = if steps > 0 { Some(self.stage(fetch(self.state.global_step)?)?) } else { None };
         for i in 0..steps {
             let index = self.state.global_step;
-            let batch = data.train_batch(index).with_context(|| format!("training batch {index}"))?;
+            let batch = next.take().expect("staged before the step");
             if index == 0 {
-                bar.suspend(|| println!("{}", describe_batch(&batch)));
+                bar.suspend(|| println!("{}", describe_batch(&batch.batch)));
             }
-            let values = self.train_step(&batch, accum)?;
-            let weighted: f64 = values.iter().zip(targets).map(|(v, t)| v * t.weight).sum();
-            loss_sum += weighted;
-            target_sums.iter_mut().zip(&values).for_each(|(s, v)| *s += v);
+            let losses = self.train_step(&batch, accum)?;
+            // The next batch goes up while this step's kernels run; the loss values and the
+            // gradient norm below are the step's only waits for the device.
+            if i + 1 < steps {
+                next = Some(self.stage(fetch(index + 1)?)?);
+            }
             self.state.global_step += 1;
             in_group += 1;
             if in_group == accum || i + 1 == steps {
@@ -417,7 +430,11 @@ impl Trainer {
                 }
                 in_group = 0;
             }
-            patches += batch.input.dims()[0];
+            let values: Vec<f64> = losses.iter().map(|l| l.item().map(f64::from)).collect::<Result<_>>()?;
+            let weighted: f64 = values.iter().zip(targets).map(|(v, t)| v * t.weight).sum();
+            loss_sum += weighted;
+            target_sums.iter_mut().zip(&values).for_each(|(s, v)| *s += v);
+            patches += batch.batch.input.dims()[0];
             let rate = patches as f64 / start.elapsed().as_secs_f64().max(1e-9);
             bar.set_message(format!(
                 "loss {:.4} ({:.4} mean) {rate:.1} patches/s",
@@ -436,15 +453,14 @@ impl Trainer {
         })
     }
 
-    /// One step's forward and backward on the training device, the gradients added to the
-    /// store's: the batch and labels go up, the per-target loss values (one float each) come down.
-    fn train_step(&mut self, batch: &Batch, accum: usize) -> Result<Vec<f64>> {
+    /// One step's forward and backward of a staged batch on the training device, the gradients
+    /// added to the store's; the per-target losses stay on the device (one float each to read).
+    fn train_step(&mut self, batch: &Staged, accum: usize) -> Result<Vec<Tensor>> {
         let mut g = Graph::new();
-        let x = g.constant(batch.input.to_device(self.device).context("uploading the batch")?);
+        let x = g.constant(batch.input.clone());
         let outputs = self.net.forward(&mut g, &self.store, x)?;
         let losses = self.target_losses(&mut g, batch, &outputs)?;
-        let values: Vec<f64> =
-            losses.iter().map(|&l| g.value(l).item().map(f64::from)).collect::<Result<_>>()?;
+        let values: Vec<Tensor> = losses.iter().map(|&l| g.value(l).clone()).collect();
         let targets = &self.config.dataset_config.targets;
         let terms: Vec<(Var, f64)> =
             losses.iter().zip(targets).map(|(&l, t)| (l, t.weight / accum as f64)).collect();
@@ -498,9 +514,9 @@ impl Trainer {
             if b == max {
                 break;
             }
-            let batch = batch.with_context(|| format!("validation batch {b}"))?;
+            let batch = self.stage(batch.with_context(|| format!("validation batch {b}"))?)?;
             let mut g = Graph::no_grad();
-            let x = g.constant(batch.input.to_device(self.device).context("uploading the batch")?);
+            let x = g.constant(batch.input.clone());
             let outputs = self.net.forward(&mut g, &self.store, x)?;
             let losses = self.target_losses(&mut g, &batch, &outputs)?;
             let mut shown = Vec::new();
@@ -513,12 +529,12 @@ impl Trainer {
                 // The metrics read the full-resolution output on the host: one download per head.
                 let output = g.value(output).to_device(Device::Cpu).context("downloading an output")?;
                 let loss = f64::from(g.value(l).item()?);
-                acc.add(t, loss, &output, &batch.targets[t].scales[0])?;
+                acc.add(t, loss, &output, &batch.batch.targets[t].scales[0])?;
                 shown.push((scoring, output));
             }
             acc.end_batch();
             if b == 0 {
-                panels = Some(gif_panels(&batch, targets, &shown)?);
+                panels = Some(gif_panels(&batch.batch, targets, &shown)?);
             }
             bar.inc(1);
         }
@@ -539,6 +555,14 @@ impl Trainer {
         );
         bar
     }
+}
+
+/// A batch with its input and labels on the training device.
+struct Staged {
+    batch: Batch,
+    input: Tensor,
+    /// Per target, one label map per network head.
+    labels: Vec<Vec<Tensor>>,
 }
 
 struct TrainEpoch {

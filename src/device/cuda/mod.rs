@@ -2,14 +2,19 @@
 //! opened at run time) and the CUDA 13.0 bindings. One stream per device; allocations are
 //! stream-ordered from the device's memory pool (cudarc uses `cuMemAllocAsync` / `cuMemFreeAsync`
 //! when the device supports pools), which is told to keep freed memory for reuse; copies are
-//! asynchronous on that stream; the embedded fatbin is loaded once as one module and every kernel's
-//! function looked up at creation.
+//! asynchronous on that stream; uploads go through page-locked staging buffers, so an upload
+//! returns at once and its copy runs in stream order behind the kernels already queued (a step's
+//! batch is uploaded while the previous step still computes); the embedded fatbin is loaded once
+//! as one module and every kernel's function looked up at creation.
 
 use std::ffi::c_void;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{Result, anyhow, ensure};
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, result, sys};
+use cudarc::driver::{
+    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, PinnedHostSlice,
+    result, sys,
+};
 use cudarc::nvrtc::Ptx;
 
 use super::launch::{DeviceScalar, Kernel, LaunchConfig};
@@ -41,7 +46,18 @@ pub struct CudaDevice {
     name: String,
     arch: (i32, i32),
     sync_each_launch: bool,
+    staging: Mutex<Vec<Staging>>,
 }
+
+/// A page-locked upload buffer and the event recorded after the last copy out of it: the host may
+/// write it again once that event is complete.
+struct Staging {
+    host: PinnedHostSlice<u8>,
+    copied: CudaEvent,
+}
+
+/// Staging buffers kept for reuse; beyond this many in flight an upload waits for the oldest.
+const STAGING_BUFFERS: usize = 32;
 
 impl CudaDevice {
     /// Opens GPU `ordinal`. Fails with a message (never panics) when the driver library, the GPU or
@@ -86,7 +102,16 @@ impl CudaDevice {
         let arch =
             ctx.compute_capability().map_err(|e| anyhow!("{dev}: reading the compute capability: {e}"))?;
         let sync_each_launch = std::env::var_os("UNET3D_CUDA_SYNC").is_some_and(|v| v == "1");
-        Ok(CudaDevice { ordinal, ctx, stream, functions, name, arch, sync_each_launch })
+        Ok(CudaDevice {
+            ordinal,
+            ctx,
+            stream,
+            functions,
+            name,
+            arch,
+            sync_each_launch,
+            staging: Mutex::default(),
+        })
     }
 
     pub fn describe(&self) -> String {
@@ -110,11 +135,57 @@ impl CudaDevice {
             .map_err(|e| self.err(&format!("allocating {len} elements"), e))
     }
 
+    /// A copy of `data` on the device, through a page-locked staging buffer: the host copies into
+    /// it and returns while the DMA waits its turn on the stream (from pageable memory the driver
+    /// would first wait for every kernel queued before it).
     pub(crate) fn upload<T: DeviceScalar>(&self, data: &[T]) -> Result<CudaSlice<T>> {
         let mut s = self.alloc(data.len())?;
-        if !data.is_empty() {
-            self.stream.memcpy_htod(data, &mut s).map_err(|e| self.err("copying to the device", e))?;
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        if bytes.is_empty() {
+            return Ok(s);
         }
+        let mut pool = self.staging.lock().unwrap_or_else(|e| e.into_inner());
+        let free = pool.iter().position(|b| b.copied.is_complete() && b.host.len() >= bytes.len());
+        let slot = match free {
+            Some(i) => i,
+            None if pool.len() < STAGING_BUFFERS => {
+                // SAFETY: the buffer is written below before any copy reads it.
+                let host =
+                    unsafe { self.ctx.alloc_pinned::<u8>(bytes.len().next_power_of_two()) }.map_err(|e| {
+                        self.err(&format!("allocating {} bytes of page-locked memory", bytes.len()), e)
+                    })?;
+                let copied = self
+                    .ctx
+                    .new_event(Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))
+                    .map_err(|e| self.err("creating an event", e))?;
+                pool.push(Staging { host, copied });
+                pool.len() - 1
+            }
+            None => {
+                // Every buffer is in flight: wait for the first one's copy (and grow it if small).
+                let i = 0;
+                pool[i].copied.synchronize().map_err(|e| self.err("waiting for an upload", e))?;
+                if pool[i].host.len() < bytes.len() {
+                    // SAFETY: as above.
+                    pool[i].host = unsafe { self.ctx.alloc_pinned::<u8>(bytes.len().next_power_of_two()) }
+                        .map_err(|e| self.err("allocating page-locked memory", e))?;
+                }
+                pool.rotate_left(1);
+                pool.len() - 1
+            }
+        };
+        let b = &mut pool[slot];
+        let host = b.host.as_mut_slice().map_err(|e| self.err("writing page-locked memory", e))?;
+        host[..bytes.len()].copy_from_slice(bytes);
+        {
+            let (dst, _record) = s.device_ptr_mut(&self.stream);
+            // SAFETY: `dst` holds `bytes.len()` bytes (allocated for `data` above); the source is
+            // page-locked and is not written again before `copied`, recorded right after the copy
+            // on the same stream, is complete.
+            unsafe { result::memcpy_htod_async(dst, &host[..bytes.len()], self.stream.cu_stream()) }
+                .map_err(|e| self.err("copying to the device", e))?;
+        }
+        b.copied.record(&self.stream).map_err(|e| self.err("recording an upload", e))?;
         Ok(s)
     }
 
