@@ -9,6 +9,7 @@ use common::{assert_close, fixture, fixture_arch, fixture_meta, fixture_state_di
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
+use unet3d::arch::params::ParamLayout;
 use unet3d::arch::{ArchConfig, Architecture, Block, Nonlin, SePool, Target};
 use unet3d::bench::step::training_step_benchmark;
 use unet3d::config::Activation;
@@ -52,6 +53,8 @@ fn fixture_forward_loss_and_gradients_match_pytorch() {
     let meta = fixture_meta(&f);
     let arch = fixture_arch(&meta);
     assert_eq!(arch.param_count(), meta["n_parameters"].as_u64().unwrap());
+    let layouts: BTreeMap<String, ParamLayout> =
+        arch.param_specs().into_iter().map(|s| (s.name, s.layout)).collect();
     let mut store = weights::from_state_dict(&arch, &fixture_state_dict(&f)).unwrap();
     let net = Network::new(&arch, &store).unwrap();
 
@@ -84,7 +87,7 @@ fn fixture_forward_loss_and_gradients_match_pytorch() {
     let got = grads(&store);
     let mut checked = 0;
     for (name, want) in f.tensors.iter().filter_map(|(k, t)| Some((k.strip_prefix("grad.")?, t))) {
-        let g = weights::to_torch(name, &got[name]).unwrap();
+        let g = weights::to_torch(layouts[name], &got[name]).unwrap();
         let want_norm = want.data().iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
         if want_norm < 1e-12 {
             // Analytically zero (a conv bias under an instance norm, or the head with
@@ -359,7 +362,8 @@ fn squeeze_excite_layer_matches_pytorch() {
         let f = fixture(&format!("ops/{file}.safetensors"));
         let mut store = ParamStore::new();
         for p in ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"] {
-            store.add(&format!("se.{p}"), weights::from_torch(p, f.get(p).unwrap()).unwrap()).unwrap();
+            let layout = if p.ends_with("weight") { ParamLayout::Conv } else { ParamLayout::Vector };
+            store.add(&format!("se.{p}"), weights::from_torch(layout, f.get(p).unwrap()).unwrap()).unwrap();
         }
         let c = f.get("x").unwrap().dims()[1];
         let se = SqueezeExcite::bind(&store, "se", c, SePool::Dhw).unwrap();
@@ -370,8 +374,9 @@ fn squeeze_excite_layer_matches_pytorch() {
         g.backward_from(y, to_cl(f.get("gy").unwrap()), &mut store).unwrap();
         assert_close(&format!("{file} gx"), g.grad(x).unwrap(), &to_cl(f.get("gx").unwrap()), 1e-5);
         for p in ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"] {
-            let got =
-                weights::to_torch(p, store.grad(store.id(&format!("se.{p}")).unwrap()).unwrap()).unwrap();
+            let layout = if p.ends_with("weight") { ParamLayout::Conv } else { ParamLayout::Vector };
+            let grad = store.grad(store.id(&format!("se.{p}")).unwrap()).unwrap();
+            let got = weights::to_torch(layout, grad).unwrap();
             assert_close(&format!("{file} grad.{p}"), &got, f.get(&format!("grad.{p}")).unwrap(), 1e-5);
         }
     }

@@ -14,6 +14,7 @@ use common::{assert_close, fixture, fixture_arch, fixture_meta, fixture_state_di
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
+use unet3d::arch::params::ParamLayout;
 use unet3d::arch::{Architecture, Block, Nonlin, Norm, SePool, Target};
 use unet3d::config::Activation;
 use unet3d::device::Device;
@@ -375,6 +376,8 @@ fn fixture_forward_loss_and_gradients_match_pytorch() {
     let f = fixture("model/resenc_unet_small.safetensors");
     let meta = fixture_meta(&f);
     let arch = fixture_arch(&meta);
+    let layouts: BTreeMap<String, ParamLayout> =
+        arch.param_specs().into_iter().map(|s| (s.name, s.layout)).collect();
     let store = weights::from_state_dict(&arch, &fixture_state_dict(&f)).unwrap();
     let x = to_cl(f.get("input").unwrap());
     let labels: Vec<Tensor> = (0..3).map(|i| to_cl(f.get(&format!("label.{i}")).unwrap())).collect();
@@ -397,7 +400,7 @@ fn fixture_forward_loss_and_gradients_match_pytorch() {
         assert!(((l - want) / want).abs() <= TOL, "{device}: loss {l} vs PyTorch {want}");
         let mut checked = 0;
         for (name, want) in f.tensors.iter().filter_map(|(k, t)| Some((k.strip_prefix("grad.")?, t))) {
-            let g = weights::to_torch(name, &got.grads[name]).unwrap();
+            let g = weights::to_torch(layouts[name], &got.grads[name]).unwrap();
             let norm = |t: &Tensor| t.data().iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
             if norm(want) < 1e-12 {
                 assert!(norm(&g) < 1e-7, "{device} grad.{name}: norm {:e}, PyTorch's is 0", norm(&g));

@@ -6,7 +6,8 @@ use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 
 use super::weights::from_torch;
-use crate::arch::spec::{Architecture, Block};
+use crate::arch::params::ParamInit;
+use crate::arch::spec::Architecture;
 use crate::autograd::ParamStore;
 use crate::tensor::Tensor;
 
@@ -30,25 +31,20 @@ pub fn torch_fan_in(torch_shape: &[usize]) -> usize {
 /// layout from one StdRng, so a seed gives the same weights whatever the layout.
 pub fn initialize(arch: &Architecture, seed: u64) -> Result<ParamStore> {
     arch.validate()?;
-    let last_norm = match arch.block {
-        Block::BasicBlockD => ".conv2.norm.weight",
-        Block::BottleneckD { .. } => ".conv3.norm.weight",
-    };
     let mut rng = StdRng::seed_from_u64(seed);
     let mut store = ParamStore::new();
     for spec in arch.param_specs() {
         let n = spec.numel();
-        let data = if spec.shape.len() == 5 {
-            let normal = Normal::new(0.0, he_std(torch_fan_in(&spec.shape)))?;
-            (0..n).map(|_| normal.sample(&mut rng) as f32).collect()
-        } else if spec.name.ends_with(".norm.weight") {
-            let zero = spec.name.starts_with("encoder.stages.") && spec.name.ends_with(last_norm);
-            vec![if zero { 0.0 } else { 1.0 }; n]
-        } else {
-            vec![0.0; n]
+        let data = match spec.init {
+            ParamInit::HeNormal => {
+                let normal = Normal::new(0.0, he_std(torch_fan_in(&spec.shape)))?;
+                (0..n).map(|_| normal.sample(&mut rng) as f32).collect()
+            }
+            ParamInit::Zeros => vec![0.0; n],
+            ParamInit::Ones => vec![1.0; n],
         };
         let t = Tensor::from_vec(spec.shape.clone(), data)?;
-        store.add(&spec.name, from_torch(&spec.name, &t)?)?;
+        store.add(&spec.name, from_torch(spec.layout, &t)?)?;
     }
     Ok(store)
 }

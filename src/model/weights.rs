@@ -7,8 +7,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use crate::arch::params::ParamSpec;
-use crate::arch::spec::{Architecture, Block};
+use crate::arch::params::{ParamLayout, ParamSpec};
+use crate::arch::spec::Architecture;
 use crate::autograd::ParamStore;
 use crate::tensor::{Shape, Tensor, io, layout};
 
@@ -24,10 +24,6 @@ pub fn is_alias(name: &str) -> bool {
         || matches!(segs.as_slice(), ["decoder", "encoder", ..] | ["decoders", _, "encoder", ..])
 }
 
-fn is_transposed(name: &str) -> bool {
-    name.split('.').any(|s| s == "transpconvs")
-}
-
 /// The shape unet3d stores a parameter in: a 5-D PyTorch (A, B, T, R, S) weight becomes
 /// (A, T, R, S, B) (conv: K, C; transposed conv: C_in, C_out), anything else is unchanged.
 pub fn unet3d_shape(torch_shape: &[usize]) -> Vec<usize> {
@@ -37,21 +33,21 @@ pub fn unet3d_shape(torch_shape: &[usize]) -> Vec<usize> {
     }
 }
 
-/// Parameter `name` in PyTorch's layout converted to unet3d's.
-pub fn from_torch(name: &str, t: &Tensor) -> Result<Tensor> {
-    match t.shape().rank() {
-        5 if is_transposed(name) => layout::transposed_weight_from_torch(t),
-        5 => layout::conv_weight_from_torch(t),
-        _ => Ok(t.clone()),
+/// A parameter of `layout` in PyTorch's layout converted to unet3d's.
+pub fn from_torch(layout: ParamLayout, t: &Tensor) -> Result<Tensor> {
+    match layout {
+        ParamLayout::TransposedConv => layout::transposed_weight_from_torch(t),
+        ParamLayout::Conv => layout::conv_weight_from_torch(t),
+        ParamLayout::Vector => Ok(t.clone()),
     }
 }
 
-/// Parameter `name` in unet3d's layout converted to PyTorch's.
-pub fn to_torch(name: &str, t: &Tensor) -> Result<Tensor> {
-    match t.shape().rank() {
-        5 if is_transposed(name) => layout::transposed_weight_to_torch(t),
-        5 => layout::conv_weight_to_torch(t),
-        _ => Ok(t.clone()),
+/// A parameter of `layout` in unet3d's layout converted to PyTorch's.
+pub fn to_torch(layout: ParamLayout, t: &Tensor) -> Result<Tensor> {
+    match layout {
+        ParamLayout::TransposedConv => layout::transposed_weight_to_torch(t),
+        ParamLayout::Conv => layout::conv_weight_to_torch(t),
+        ParamLayout::Vector => Ok(t.clone()),
     }
 }
 
@@ -65,7 +61,7 @@ pub fn to_state_dict(arch: &Architecture, store: &ParamStore) -> Result<Vec<(Str
             })?;
             let t = store.value(id);
             t.expect_shape(&format!("parameter '{}'", spec.name), &unet3d_shape(&spec.shape))?;
-            Ok((spec.name.clone(), to_torch(&spec.name, t)?))
+            Ok((spec.name.clone(), to_torch(spec.layout, t)?))
         })
         .collect()
 }
@@ -105,7 +101,7 @@ pub fn from_state_dict(arch: &Architecture, tensors: &BTreeMap<String, Tensor>) 
                     spec.name,
                     Shape::new(got),
                     Shape::new(&spec.shape),
-                    shape_hint(arch, spec, got).map(|k| format!(" (set by {k})")).unwrap_or_default()
+                    shape_hint(spec, got).map(|k| format!(" (set by {k})")).unwrap_or_default()
                 )
             })
         })
@@ -113,18 +109,21 @@ pub fn from_state_dict(arch: &Architecture, tensors: &BTreeMap<String, Tensor>) 
     if !(missing.is_empty() && unexpected.is_empty() && misshapen.is_empty()) {
         let mut msg = String::from("the weights do not fit this network:");
         let mut hints = BTreeSet::new();
-        for (what, names) in [("missing", &missing), ("unexpected", &unexpected)] {
-            if !names.is_empty() {
-                msg += &format!("\n  {} {what} tensors: {}", names.len(), short_list(names));
-                // Why a name is on one side only shows in what the other side has.
-                let other: Vec<&str> = if what == "missing" {
-                    tensors.keys().map(String::as_str).collect()
-                } else {
-                    wanted.iter().copied().collect()
-                };
-                let other_has = |prefix: &str| other.iter().any(|n| n.starts_with(prefix));
-                hints.extend(names.iter().filter_map(|n| structure_hint(arch, n, &other_has)));
-            }
+        let file_has = |prefix: &str| tensors.keys().any(|n| n.starts_with(prefix));
+        if !missing.is_empty() {
+            msg += &format!("\n  {} missing tensors: {}", missing.len(), short_list(&missing));
+            // A parameter the file lacks: the first of its levels the file has nothing of, or the
+            // key of the tensor itself.
+            hints.extend(specs.iter().filter(|s| !tensors.contains_key(&s.name)).filter_map(|s| {
+                let p = &s.presence;
+                p.levels.iter().find(|(prefix, _)| !file_has(prefix)).map(|(_, key)| *key).or(p.own)
+            }));
+        }
+        if !unexpected.is_empty() {
+            msg += &format!("\n  {} unexpected tensors: {}", unexpected.len(), short_list(&unexpected));
+            // Names only the file has are not this network's, so they are read for their modules.
+            let network_has = |prefix: &str| wanted.iter().any(|n| n.starts_with(prefix));
+            hints.extend(unexpected.iter().filter_map(|n| structure_hint(arch, n, &network_has)));
         }
         for m in &misshapen {
             msg += &format!("\n  {m}");
@@ -137,7 +136,7 @@ pub fn from_state_dict(arch: &Architecture, tensors: &BTreeMap<String, Tensor>) 
     }
     let mut store = ParamStore::new();
     for spec in &specs {
-        store.add(&spec.name, from_torch(&spec.name, &tensors[&spec.name])?)?;
+        store.add(&spec.name, from_torch(spec.layout, &tensors[&spec.name])?)?;
     }
     Ok(store)
 }
@@ -150,89 +149,17 @@ fn short_list(names: &[&str]) -> String {
     s
 }
 
-/// What one channel count of a parameter comes from.
-enum Width {
-    Features(usize),
-    Bottleneck(usize),
-    InChannels,
-    Target(String),
-}
-
-impl Width {
-    fn key(&self) -> String {
-        match self {
-            Width::Features(s) => format!("model_config.features_per_stage[{s}]"),
-            Width::Bottleneck(s) => format!("model_config.bottleneck_channels[{s}]"),
-            Width::InChannels => "dataset_config.in_channels".to_string(),
-            Width::Target(t) => format!("dataset_config.targets.{t}.channels"),
-        }
-    }
-}
-
-/// The decoder's target name and the rest of the name, for `decoder.*` / `decoders.<t>.*`.
-fn decoder_part<'a>(arch: &'a Architecture, segs: &'a [&'a str]) -> Option<(&'a str, &'a [&'a str])> {
-    match segs {
-        ["decoder", rest @ ..] if arch.targets.len() == 1 => Some((&arch.targets[0].name, rest)),
-        ["decoders", t, rest @ ..] => Some((t, rest)),
-        _ => None,
-    }
-}
-
-/// The configuration key behind a shape difference of a parameter `arch` has.
-fn shape_hint(arch: &Architecture, spec: &ParamSpec, got: &[usize]) -> Option<String> {
-    let want = &spec.shape;
-    if got.len() != want.len() {
+/// The configuration key behind a shape difference of a parameter the network has.
+fn shape_hint(spec: &ParamSpec, got: &[usize]) -> Option<String> {
+    if got.len() != spec.shape.len() {
         return None;
     }
-    let axis = (0..want.len()).find(|&a| got[a] != want[a])?;
-    let segs: Vec<&str> = spec.name.split('.').collect();
-    if axis >= 2 {
-        let (key, stage) = match (segs.as_slice(), decoder_part(arch, &segs)) {
-            (_, Some((_, ["transpconvs", i, ..]))) => {
-                ("strides", arch.n_stages() - 1 - i.parse::<usize>().ok()?)
-            }
-            (_, Some((_, ["stages", i, ..]))) => {
-                ("kernel_sizes", arch.n_stages() - 2 - i.parse::<usize>().ok()?)
-            }
-            (["encoder", "stages", s, ..], _) => ("kernel_sizes", s.parse().ok()?),
-            _ => ("kernel_sizes", 0),
-        };
-        return Some(format!("model_config.{key}[{stage}]"));
-    }
-    // Biases and norms count output channels; a weight's are axis 0, a transposed conv's axis 1.
-    let out = want.len() == 1 || axis == usize::from(is_transposed(&spec.name));
-    channel_width(arch, &segs, out).map(|w| w.key())
+    let axis = (0..got.len()).find(|&a| got[a] != spec.shape[a])?;
+    spec.axis_keys.get(axis).map(ToString::to_string)
 }
 
-/// What the output (`out`) or input channel count of parameter `segs` is set by.
-fn channel_width(arch: &Architecture, segs: &[&str], out: bool) -> Option<Width> {
-    if let Some((target, rest)) = decoder_part(arch, segs) {
-        let i: usize = rest.get(1)?.parse().ok()?;
-        let k = arch.n_stages().checked_sub(2 + i)?;
-        return Some(match (rest[0], out) {
-            ("seg_layers", true) => Width::Target(target.to_string()),
-            ("transpconvs", false) => Width::Features(k + 1),
-            _ => Width::Features(k),
-        });
-    }
-    match segs {
-        ["encoder", "stem", ..] => Some(if out { Width::Features(0) } else { Width::InChannels }),
-        ["encoder", "stages", s, "blocks", b, part, ..] => {
-            let (s, b): (usize, usize) = (s.parse().ok()?, b.parse().ok()?);
-            let input = if b == 0 && s > 0 { Width::Features(s - 1) } else { Width::Features(s) };
-            let bottleneck = matches!(arch.block, Block::BottleneckD { .. });
-            Some(match (*part, out, bottleneck) {
-                ("conv1", false, _) | ("skip", false, _) => input,
-                ("conv1", true, true) | ("conv2", _, true) | ("conv3", false, true) => Width::Bottleneck(s),
-                _ => Width::Features(s),
-            })
-        }
-        _ => None,
-    }
-}
-
-/// The configuration key that decides whether a tensor named `name` exists, given whether the
-/// other side of the comparison (the file, or the network) has any name with a given prefix.
+/// The configuration key that decides whether a file's tensor named `name`, which this network
+/// lacks, exists, given whether the network has any parameter with a given prefix.
 fn structure_hint(arch: &Architecture, name: &str, other_has: &dyn Fn(&str) -> bool) -> Option<&'static str> {
     let segs: Vec<&str> = name.split('.').collect();
     let lacks = |n: usize| !other_has(&format!("{}.", segs[..n].join(".")));

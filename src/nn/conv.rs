@@ -2,6 +2,7 @@
 //! without dropout; its `all_modules.*` names are aliases of `conv.*` and `norm.*`).
 
 use super::{LayerSettings, bind};
+use crate::arch::params::names;
 use crate::autograd::{Graph, ParamId, ParamStore, Var};
 use crate::device::op::Act;
 use crate::ops::{conv, norm};
@@ -37,8 +38,8 @@ pub struct Conv {
 impl Conv {
     pub fn bind(store: &ParamStore, prefix: &str, spec: ConvSpec) -> Result<Self> {
         let ConvSpec { cin, cout, kernel: [t, r, s], stride, bias } = spec;
-        let weight = bind(store, &format!("{prefix}.weight"), &[cout, t, r, s, cin])?;
-        let bias = bias.then(|| bind(store, &format!("{prefix}.bias"), &[cout])).transpose()?;
+        let weight = bind(store, &names::weight(prefix), &[cout, t, r, s, cin])?;
+        let bias = bias.then(|| bind(store, &names::bias(prefix), &[cout])).transpose()?;
         Ok(Conv { name: prefix.to_string(), weight, bias, stride })
     }
 
@@ -68,8 +69,8 @@ impl TransposedConv {
         bias: bool,
     ) -> Result<Self> {
         let [cin, cout] = channels;
-        let weight = bind(store, &format!("{prefix}.weight"), &[cin, stride[0], stride[1], stride[2], cout])?;
-        let bias = bias.then(|| bind(store, &format!("{prefix}.bias"), &[cout])).transpose()?;
+        let weight = bind(store, &names::weight(prefix), &[cin, stride[0], stride[1], stride[2], cout])?;
+        let bias = bias.then(|| bind(store, &names::bias(prefix), &[cout])).transpose()?;
         Ok(TransposedConv { name: prefix.to_string(), weight, bias, stride })
     }
 
@@ -100,8 +101,8 @@ impl InstanceNorm {
         act: Act,
     ) -> Result<Self> {
         let affine = if s.norm_affine {
-            let gamma = bind(store, &format!("{prefix}.weight"), &[channels])?;
-            Some((gamma, bind(store, &format!("{prefix}.bias"), &[channels])?))
+            let gamma = bind(store, &names::weight(prefix), &[channels])?;
+            Some((gamma, bind(store, &names::bias(prefix), &[channels])?))
         } else {
             None
         };
@@ -159,8 +160,8 @@ impl ConvNormAct {
         s: &LayerSettings,
         act: Act,
     ) -> Result<Self> {
-        let conv = Conv::bind(store, &format!("{prefix}.conv"), spec)?;
-        let norm = InstanceNorm::bind(store, &format!("{prefix}.norm"), spec.cout, s, act)?;
+        let conv = Conv::bind(store, &names::conv(prefix), spec)?;
+        let norm = InstanceNorm::bind(store, &names::norm(prefix), spec.cout, s, act)?;
         Ok(ConvNormAct { conv, norm })
     }
 

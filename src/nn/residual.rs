@@ -3,6 +3,7 @@
 
 use super::LayerSettings;
 use super::conv::{Conv, ConvNormAct, ConvSpec};
+use crate::arch::params::names;
 use crate::arch::{EncoderBlock, SePool, se_reduced_channels};
 use crate::autograd::{Graph, ParamStore, Var};
 use crate::device::op::Act;
@@ -22,8 +23,8 @@ pub struct SqueezeExcite {
 impl SqueezeExcite {
     pub fn bind(store: &ParamStore, prefix: &str, channels: usize, pool: SePool) -> Result<Self> {
         let rd = se_reduced_channels(channels);
-        let fc1 = Conv::bind(store, &format!("{prefix}.fc1"), ConvSpec::pointwise(channels, rd, true))?;
-        let fc2 = Conv::bind(store, &format!("{prefix}.fc2"), ConvSpec::pointwise(rd, channels, true))?;
+        let fc1 = Conv::bind(store, &names::se_fc(prefix, 1), ConvSpec::pointwise(channels, rd, true))?;
+        let fc2 = Conv::bind(store, &names::se_fc(prefix, 2), ConvSpec::pointwise(rd, channels, true))?;
         Ok(SqueezeExcite { fc1, fc2, pool })
     }
 
@@ -54,7 +55,7 @@ impl Skip {
     pub fn bind(store: &ParamStore, prefix: &str, b: &EncoderBlock, s: &LayerSettings) -> Result<Self> {
         let pool = b.skip_pools().then_some(b.stride);
         let projection = if b.skip_projects() {
-            let name = format!("{prefix}.{}", usize::from(pool.is_some()));
+            let name = names::skip_projection(prefix, pool.is_some());
             let spec = ConvSpec::pointwise(b.in_channels, b.out_channels, false);
             Some(ConvNormAct::bind(store, &name, spec, s, Act::None)?)
         } else {
@@ -106,9 +107,7 @@ impl ResidualBlock {
         specs
             .into_iter()
             .enumerate()
-            .map(|(i, spec)| {
-                (format!("{prefix}.conv{}", i + 1), spec, if i == last { Act::None } else { s.act })
-            })
+            .map(|(i, spec)| (names::branch_conv(prefix, i), spec, if i == last { Act::None } else { s.act }))
             .collect()
     }
 
@@ -122,9 +121,9 @@ impl ResidualBlock {
             .collect::<Result<Vec<_>>>()?;
         let se = s
             .squeeze_excitation
-            .map(|pool| SqueezeExcite::bind(store, &format!("{prefix}.squeeze_excitation"), cout, pool))
+            .map(|pool| SqueezeExcite::bind(store, &names::squeeze_excitation(prefix), cout, pool))
             .transpose()?;
-        let skip = Skip::bind(store, &format!("{prefix}.skip"), b, s)?;
+        let skip = Skip::bind(store, &names::skip(prefix), b, s)?;
         Ok(ResidualBlock { name: prefix.to_string(), branch, se, skip, act: s.act })
     }
 

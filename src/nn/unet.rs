@@ -4,6 +4,7 @@
 use super::LayerSettings;
 use super::conv::{Conv, ConvNormAct, ConvSpec, TransposedConv};
 use super::residual::{ResidualBlock, ResidualStage};
+use crate::arch::params::names;
 use crate::arch::{Architecture, DecoderStage};
 use crate::autograd::{Graph, ParamStore, Var};
 use crate::ops::elementwise;
@@ -27,7 +28,7 @@ impl Encoder {
             stride: [1; 3],
             bias: s.conv_bias,
         };
-        ("encoder.stem.convs.0", spec)
+        (names::STEM, spec)
     }
 
     pub fn bind(store: &ParamStore, arch: &Architecture, s: &LayerSettings) -> Result<Self> {
@@ -35,7 +36,7 @@ impl Encoder {
         let stem = ConvNormAct::bind(store, name, stem, s, s.act)?;
         let mut stages: Vec<Vec<ResidualBlock>> = vec![Vec::new(); arch.n_stages()];
         for b in arch.encoder_blocks() {
-            let prefix = format!("encoder.stages.{}.blocks.{}", b.stage, b.index);
+            let prefix = names::block(b.stage, b.index);
             stages[b.stage].push(ResidualBlock::bind(store, &prefix, &b, s)?);
         }
         Ok(Encoder { stem, stages: stages.into_iter().map(ResidualStage::new).collect() })
@@ -83,7 +84,7 @@ impl Decoder {
                     stride: [1; 3],
                     bias: s.conv_bias,
                 };
-                (format!("{prefix}.stages.{}.convs.{j}", st.index), spec)
+                (names::decoder_conv(prefix, st.index, j), spec)
             })
             .collect()
     }
@@ -98,7 +99,7 @@ impl Decoder {
                 let i = st.index;
                 let upsample = TransposedConv::bind(
                     store,
-                    &format!("{prefix}.transpconvs.{i}"),
+                    &names::transpconv(&prefix, i),
                     [st.below_channels, st.channels],
                     st.upsample,
                     s.conv_bias,
@@ -108,7 +109,7 @@ impl Decoder {
                     .map(|(name, spec)| ConvNormAct::bind(store, &name, spec, s, s.act))
                     .collect::<Result<Vec<_>>>()?;
                 let head = ConvSpec::pointwise(st.channels, classes, true);
-                let head = Conv::bind(store, &format!("{prefix}.seg_layers.{i}"), head)?;
+                let head = Conv::bind(store, &names::seg_layer(&prefix, i), head)?;
                 Ok(DecoderStageLayers { skip_stage: st.skip_stage, upsample, convs, head })
             })
             .collect::<Result<Vec<_>>>()?;
