@@ -16,17 +16,20 @@ pub const REFERENCE_BATCH_SIZE: f64 = 2.0;
 pub const MIN_BATCH_SIZE: usize = 2;
 
 /// float32 values kept per feature-map element (per sample) while training. The feature-map size
-/// counts each conv's output once; the tape also keeps the norm-act outputs, the residual sums,
-/// the pooled skips, the decoder's concatenations and the loss's buffers, and backward holds
-/// gradients of the skips while it works down. Measured with
+/// counts each conv's output once; the tape also keeps what the backward closures read (the
+/// norm inputs, the residual sums, the pooled skips, the decoder's concatenations, the loss's
+/// buffers), drops every other op output when backward starts, and holds gradients of the skips
+/// while it works down. Measured with
 /// [`training_step_benchmark`](crate::bench::step::training_step_benchmark) (CPU, float32, Dice + CE
-/// with deep supervision; tests/model.rs `measure_training_step`) as the peak-memory difference
-/// between batch 2 and batch 1, which weights and gradients cancel out of: 2.76 for the model fixture's network (8 to 64
-/// features) at 8x32x32 and 16x64x64, 2.80 for ResEncM at 64^3 (5 stages). The earlier derived
-/// value, 3.25, overestimated that by 16%. At small patches of wide networks the peak falls
-/// elsewhere (1.8 for ResEncM at 32^3), so the estimate stays an upper bound there; it excludes
-/// allocator fragmentation and kernel workspaces.
-pub const ACTIVATION_FACTOR: f64 = 2.8;
+/// with deep supervision; tests/model.rs `measure_training_step`, 2026-12-07) as the peak-memory
+/// difference between batch 2 and batch 1, which weights and gradients cancel out of: 2.65 for the
+/// model fixture's network (8 to 64 features) at 8x32x32 and 16x64x64, 2.68 for ResEncM at 64^3
+/// (5 stages); before the tape dropped unread outputs these were 2.76 and 2.80. At small patches
+/// of wide networks the peak falls elsewhere (1.55 for ResEncM at 32^3), so the estimate stays an
+/// upper bound there; it excludes allocator fragmentation and kernel workspaces. A kernel device
+/// keeps the gradient buffers across steps, so its peak is weights + gradients + activations at
+/// every step, which is what the estimate adds up.
+pub const ACTIVATION_FACTOR: f64 = 2.7;
 
 const F32_BYTES: u64 = 4;
 
