@@ -143,7 +143,7 @@ fn errors_say_what_is_allowed() {
     let e = err("dataset_config:\n  targets:\n    ink: {activation: sigmoid}\n", &[]);
     assert!(e.contains("dataset_config.targets.ink.channels: missing"), "{e}");
     let e = err("dataset_config:\n  targets:\n    a.b: {channels: 1}\n", &[]);
-    assert!(e.contains("dataset_config.targets.a.b") && e.contains("'.'"), "{e}");
+    assert!(e.contains("dataset_config.targets.a.b") && e.contains("plain name"), "{e}");
     let e = err(MINIMAL, &["tr_setup=3"]);
     assert!(e.contains("section.key"), "{e}");
     let e = err(MINIMAL, &["tr_config.patch_size=[64, 64, 60]"]);
@@ -166,6 +166,21 @@ fn errors_say_what_is_allowed() {
         "{e}"
     );
     assert!(err("a: [", &[]).contains("a: ["), "YAML syntax errors show the snippet");
+}
+
+/// Model and target names become file and folder names (checkpoints, logs, output arrays that
+/// `infer --overwrite` replaces), so none may climb out of its folder, be absolute or hide.
+#[test]
+fn names_that_could_become_paths_are_refused() {
+    for bad in ["../../x", "/tmp/x", "a/b", "..", ".hidden", "a b", "x\\y", "caf\u{e9}"] {
+        let e = err(MINIMAL, &[&format!("tr_setup.model_name={bad:?}")]);
+        assert!(e.contains("tr_setup.model_name") && e.contains("plain name"), "{bad}: {e}");
+        let yaml = format!("dataset_config:\n  targets:\n    {bad:?}: {{channels: 1}}\n");
+        let e = err(&yaml, &[]);
+        assert!(e.contains("target name") && e.contains("plain name"), "{bad}: {e}");
+    }
+    let ok = parse(MINIMAL, &["tr_setup.model_name=Res-Enc_M2"]).unwrap();
+    assert_eq!(ok.config.tr_setup.model_name, "Res-Enc_M2");
 }
 
 #[test]

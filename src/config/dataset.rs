@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 
-use super::reader::{Section, boolean, choice, count_from, non_negative, probability, string};
+use super::reader::{Section, boolean, choice, count_from, is_plain_name, non_negative, probability, string};
 use super::tree::Node;
 use crate::loss::{LOSS_NAMES, Loss};
 
@@ -161,10 +161,11 @@ pub(crate) fn read_dataset_config(mut s: Section<'_>) -> Result<DatasetConfig> {
 }
 
 fn read_target(name: String, mut s: Section<'_>) -> Result<TargetConfig> {
-    if name.is_empty() || name.contains('.') || name == "input" || name == "ref_label" {
+    if !is_plain_name(&name) || name == "input" || name == "ref_label" {
         bail!(
-            "{}: target name {name:?} must be non-empty, free of '.' (it is part of keys and parameter \
-             names) and neither \"input\" nor \"ref_label\" (keys of volume_paths entries)",
+            "{}: target name {name:?} must be a plain name (ASCII letters, digits, '-' and '_': it names \
+             parameters, output arrays and folders) and neither \"input\" nor \"ref_label\" (keys of \
+             volume_paths entries)",
             s.path()
         );
     }

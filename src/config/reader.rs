@@ -266,6 +266,19 @@ pub(crate) fn string(n: &Node) -> Result<String, String> {
     }
 }
 
+/// A name that becomes part of file and folder names (a model, a target): letters, digits, `-`
+/// and `_`, so it can never climb out of the folder it is joined to or hide as a dot file.
+pub(crate) fn plain_name(n: &Node) -> Result<String, String> {
+    match n {
+        Node::Str(s) if is_plain_name(s) => Ok(s.clone()),
+        _ => Err("a plain name (ASCII letters, digits, '-' and '_')".into()),
+    }
+}
+
+pub(crate) fn is_plain_name(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// One of `names` (case-insensitive), as its index.
 pub(crate) fn choice(names: &'static [&'static str]) -> impl Fn(&Node) -> Result<usize, String> {
     move |n| {

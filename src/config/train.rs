@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 use super::reader::{
-    Section, boolean, choice, count_from, integer_from, list_of, non_negative, number, number_in, positive,
-    probability, range_in, size3, string,
+    Section, boolean, choice, count_from, integer_from, list_of, non_negative, number, number_in, plain_name,
+    positive, probability, range_in, size3, string,
 };
 use super::tree::Node;
 use crate::device::Device;
@@ -156,7 +156,7 @@ pub(crate) fn read_tr_setup(mut s: Section<'_>) -> Result<(TrSetup, bool)> {
         ));
     }
     let setup = TrSetup {
-        model_name: s.get("model_name", "Model".to_string(), &string)?,
+        model_name: s.get("model_name", "Model".to_string(), &plain_name)?,
         vram_max,
         tr_val_split: s.get("tr_val_split", 0.95, &|n| match number(n) {
             Ok(x) if x > 0.0 && x <= 1.0 => Ok(x),
