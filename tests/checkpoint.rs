@@ -1,5 +1,6 @@
 //! Checkpoint files: a round trip keeps every value, an interrupted write never leaves a file that
-//! loads wrongly, and files that do not fit are clear errors.
+//! loads wrongly, and files that do not fit are clear errors. Checkpoint folders: one run at a
+//! time, and pruning removes only the run's own files.
 
 mod common;
 
@@ -13,6 +14,16 @@ use unet3d::model::{init, weights};
 use unet3d::optim::{Adam, AdamHyper, Optimizer};
 use unet3d::tensor::Tensor;
 use unet3d::train::checkpoint::{self, FORMAT_VERSION, TrainingState};
+use unet3d::train::folder::{self, CheckpointName, Kind, RunFolder, Start};
+
+/// The name `folder` gives a checkpoint of `model`'s run `run`.
+fn named(dir: &Path, model: &str, run: u32, kind: Kind) -> PathBuf {
+    dir.join(CheckpointName { run, kind }.file_name(model))
+}
+
+fn epoch_path(dir: &Path, model: &str, epoch: usize) -> PathBuf {
+    named(dir, model, 1, Kind::Epoch(epoch))
+}
 
 fn arch(base_features: usize) -> Architecture {
     let yaml = format!(
@@ -107,7 +118,7 @@ fn temp_of(path: &Path) -> PathBuf {
 fn an_interrupted_write_never_loads_wrongly() {
     let (dir, arch) = (scratch_dir("interrupted"), arch(4));
     let (old, old_adam) = trained(&arch, 1);
-    let path = checkpoint::epoch_path(&dir, "m", 1);
+    let path = epoch_path(&dir, "m", 1);
     checkpoint::save(&path, &arch, &old, &old_adam.export_state().unwrap(), &state(1)).unwrap();
 
     // The bytes of the next checkpoint, as a complete write would leave them.
@@ -124,7 +135,7 @@ fn an_interrupted_write_never_loads_wrongly() {
         let ck = checkpoint::load(&path, &arch).unwrap();
         assert_same_store(&old, &ck.store);
         assert_eq!(ck.state.epochs_done, 1);
-        let listed = checkpoint::epoch_checkpoints(&dir, "m").unwrap();
+        let listed = folder::epoch_checkpoints(&dir, "m", 1).unwrap();
         assert_eq!(listed, vec![(1, path.clone())]);
     }
     // A later save over the leftover temporary file completes normally.
@@ -133,7 +144,7 @@ fn an_interrupted_write_never_loads_wrongly() {
     assert!(!temp_of(&path).exists());
 
     // A truncated file under a checkpoint's name (a copy cut short) is an error, never values.
-    let cut_path = checkpoint::epoch_path(&dir, "m", 3);
+    let cut_path = epoch_path(&dir, "m", 3);
     for cut in [0, 8, 100, bytes.len() / 3, bytes.len() - 1] {
         std::fs::write(&cut_path, &bytes[..cut]).unwrap();
         let e = format!(
@@ -145,7 +156,7 @@ fn an_interrupted_write_never_loads_wrongly() {
 
     // When the rename itself fails (the name is taken by a directory), save reports it and the
     // directory is left alone.
-    let blocked = checkpoint::epoch_path(&dir, "m", 4);
+    let blocked = epoch_path(&dir, "m", 4);
     std::fs::create_dir_all(blocked.join("x")).unwrap();
     let e = format!(
         "{:#}",
@@ -177,31 +188,139 @@ fn checkpoints_that_do_not_fit_are_clear_errors() {
 }
 
 #[test]
-fn prune_keeps_the_newest() {
+fn names_round_trip_and_no_model_reads_anothers() {
+    for run in [1, 2, 17] {
+        for kind in [Kind::Epoch(1), Kind::Epoch(120), Kind::Best, Kind::Final] {
+            let n = CheckpointName { run, kind };
+            assert_eq!(CheckpointName::parse("m-1", &n.file_name("m-1")), Some(n));
+        }
+    }
+    assert_eq!(CheckpointName { run: 1, kind: Kind::Epoch(3) }.file_name("m"), "m_3.safetensors");
+    assert_eq!(CheckpointName { run: 2, kind: Kind::Best }.file_name("m"), "m.run2_best.safetensors");
+    // Another model's files, temporary files and look-alikes are not this model's.
+    for other in [
+        "m_x_3.safetensors",
+        "m_best_3.safetensors",
+        "m_3.safetensors.bak",
+        ".m_3.safetensors.tmp12",
+        "m.run1_3.safetensors",
+        "m.run_3.safetensors",
+        "m.run+2_3.safetensors",
+        "m_+3.safetensors",
+        "mm_3.safetensors",
+        "m.lock",
+    ] {
+        assert_eq!(CheckpointName::parse("m", other), None, "{other}");
+    }
+}
+
+fn save_epoch(path: &Path, arch: &Architecture, store: &ParamStore, adam: &Adam, e: usize) {
+    checkpoint::save(path, arch, store, &adam.export_state().unwrap(), &state(e)).unwrap();
+}
+
+#[test]
+fn pruning_removes_only_the_runs_own_older_checkpoints() {
     let (dir, arch) = (scratch_dir("prune"), arch(4));
     let (store, adam) = trained(&arch, 0);
     for e in [1, 2, 3, 10, 11] {
-        checkpoint::save(
-            &checkpoint::epoch_path(&dir, "m", e),
-            &arch,
-            &store,
-            &adam.export_state().unwrap(),
-            &state(e),
-        )
-        .unwrap();
+        save_epoch(&epoch_path(&dir, "m", e), &arch, &store, &adam, e);
     }
-    weights::save(&checkpoint::best_path(&dir, "m"), &arch, &store).unwrap();
-    checkpoint::save(
-        &checkpoint::epoch_path(&dir, "other", 1),
-        &arch,
-        &store,
-        &adam.export_state().unwrap(),
-        &state(1),
-    )
-    .unwrap();
-    checkpoint::prune(&dir, "m", 2).unwrap();
+    weights::save(&named(&dir, "m", 1, Kind::Best), &arch, &store).unwrap();
+    save_epoch(&epoch_path(&dir, "other", 1), &arch, &store, &adam, 1);
+    save_epoch(&named(&dir, "m", 2, Kind::Epoch(1)), &arch, &store, &adam, 1);
+    {
+        let source = epoch_path(&dir, "m", 2);
+        let f = RunFolder::open(&dir, "m", &Start::Resume { source, epochs_done: 11 }).unwrap();
+        assert_eq!(f.run(), 1, "nothing of run 1 lies beyond epoch 11: the run continues");
+        f.prune(2).unwrap();
+    }
     let left: Vec<usize> =
-        checkpoint::epoch_checkpoints(&dir, "m").unwrap().into_iter().map(|(e, _)| e).collect();
-    assert_eq!(left, vec![10, 11], "by epoch number, not name order");
-    assert!(checkpoint::best_path(&dir, "m").exists() && checkpoint::epoch_path(&dir, "other", 1).exists());
+        folder::epoch_checkpoints(&dir, "m", 1).unwrap().into_iter().map(|(e, _)| e).collect();
+    assert_eq!(left, vec![2, 10, 11], "the newest by epoch number, and the resume source");
+    assert!(named(&dir, "m", 1, Kind::Best).exists(), "best is not an epoch checkpoint");
+    assert!(epoch_path(&dir, "other", 1).exists(), "another model's");
+    assert!(named(&dir, "m", 2, Kind::Epoch(1)).exists(), "another run's");
+}
+
+#[test]
+fn a_resume_behind_later_checkpoints_writes_beside_them() {
+    let (dir, arch) = (scratch_dir("beside"), arch(4));
+    let (store, adam) = trained(&arch, 0);
+    for e in [1, 2, 3] {
+        save_epoch(&epoch_path(&dir, "m", e), &arch, &store, &adam, e);
+    }
+    let resume = |source: PathBuf, epochs_done| {
+        RunFolder::open(&dir, "m", &Start::Resume { source, epochs_done }).unwrap().run()
+    };
+    assert_eq!(resume(epoch_path(&dir, "m", 2), 2), 2, "epoch 3 of run 1 lies ahead");
+    assert_eq!(resume(epoch_path(&dir, "m", 3), 3), 1, "the newest continues its run");
+    save_epoch(&named(&dir, "m", 2, Kind::Epoch(3)), &arch, &store, &adam, 3);
+    assert_eq!(resume(epoch_path(&dir, "m", 2), 2), 3, "the next free number");
+    assert_eq!(resume(named(&dir, "m", 2, Kind::Epoch(3)), 3), 2);
+    weights::save(&named(&dir, "m", 1, Kind::Final), &arch, &store).unwrap();
+    assert_eq!(resume(epoch_path(&dir, "m", 3), 3), 3, "run 1 is finished");
+    // A checkpoint from elsewhere starts a run with no files yet.
+    let elsewhere = scratch_dir("beside-elsewhere").join("x_7.safetensors");
+    save_epoch(&elsewhere, &arch, &store, &adam, 7);
+    assert_eq!(resume(elsewhere.clone(), 7), 3);
+    assert_eq!(
+        RunFolder::open(
+            &scratch_dir("beside-empty"),
+            "m",
+            &Start::Resume { source: elsewhere, epochs_done: 7 }
+        )
+        .unwrap()
+        .run(),
+        1
+    );
+    // A fresh run is refused and names the newest checkpoint (highest epoch, then run) to resume.
+    let e = format!("{:#}", RunFolder::open(&dir, "m", &Start::Fresh).err().unwrap());
+    assert!(
+        e.contains("earlier run") && e.contains("m.run2_3.safetensors") && e.contains("--overwrite"),
+        "{e}"
+    );
+    // Replacing removes every run's checkpoints of the model and nothing else.
+    save_epoch(&epoch_path(&dir, "other", 1), &arch, &store, &adam, 1);
+    assert_eq!(RunFolder::open(&dir, "m", &Start::Replace).unwrap().run(), 1);
+    assert!(folder::listing(&dir, "m").unwrap().is_empty());
+    assert!(epoch_path(&dir, "other", 1).exists());
+}
+
+#[test]
+fn one_run_holds_a_folder_and_a_dead_runs_lock_is_taken_over() {
+    let dir = scratch_dir("lock");
+    let first = RunFolder::open(&dir, "m", &Start::Fresh).unwrap();
+    let e = format!("{:#}", RunFolder::open(&dir, "m", &Start::Fresh).err().unwrap());
+    let me = format!("pid {}", std::process::id());
+    assert!(e.contains("m.lock") && e.contains("being trained by") && e.contains(&me), "{e}");
+    // Other models in the folder are not held.
+    RunFolder::open(&dir, "n", &Start::Fresh).unwrap();
+    drop(first);
+    assert_eq!(std::fs::read_to_string(dir.join("m.lock")).unwrap(), "", "a released lock is empty");
+    drop(RunFolder::open(&dir, "m", &Start::Fresh).unwrap());
+    // A holder that died leaves its record but no OS lock: the next run takes over.
+    std::fs::write(dir.join("m.lock"), r#"{"pid": 4000000, "host": "gone", "started": 0}"#).unwrap();
+    let f = RunFolder::open(&dir, "m", &Start::Fresh).unwrap();
+    let holder: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("m.lock")).unwrap()).unwrap();
+    assert_eq!(holder["pid"], std::process::id());
+    drop(f);
+}
+
+#[test]
+fn temporary_files_of_interrupted_writes_go_when_a_run_starts() {
+    let dir = scratch_dir("temporaries");
+    let mine = [".m_3.safetensors.tmp77", ".m.run2_best.safetensors.tmp8", ".m_final.safetensors.tmp1"];
+    let others =
+        [".n_3.safetensors.tmp77", ".m_x_3.safetensors.tmp77", ".m_3.safetensors.tmpx", "m_notes.txt"];
+    for n in mine.iter().chain(&others) {
+        std::fs::write(dir.join(n), b"partial").unwrap();
+    }
+    drop(RunFolder::open(&dir, "m", &Start::Fresh).unwrap());
+    for n in mine {
+        assert!(!dir.join(n).exists(), "{n}");
+    }
+    for n in others {
+        assert!(dir.join(n).exists(), "{n}");
+    }
 }

@@ -16,6 +16,7 @@ use unet3d::loss::{LabelResample, deep_supervision_labels};
 use unet3d::tensor::Tensor;
 use unet3d::train::checkpoint;
 use unet3d::train::data::LoaderSource;
+use unet3d::train::folder::{self, CheckpointName, Kind};
 use unet3d::train::metrics::{Score, Validation};
 use unet3d::train::trainer::{BatchSource, ConfigSource, Trainer};
 
@@ -146,7 +147,7 @@ fn learns_the_synthetic_task() {
     assert!((last.ema_dice.unwrap() - ema).abs() < 1e-9);
     // Outputs: the newest checkpoints_kept (default 10) epochs, best, final, GIFs, logs.
     let ck = dir.join("ck");
-    assert_eq!(checkpoint::epoch_checkpoints(&ck, "tiny").unwrap().len(), 6);
+    assert_eq!(folder::epoch_checkpoints(&ck, "tiny", 1).unwrap().len(), 6);
     assert!(run.final_model.as_ref().unwrap().exists() && run.best_checkpoint.is_some());
     // One frame per z slice; top row input, seg, dist; bottom row blank and the two predictions.
     let gif = std::fs::File::open(ck.join("tiny_gifs/epoch_0006.gif")).unwrap();
@@ -169,7 +170,7 @@ fn learns_the_synthetic_task() {
     let mut again = trainer(&y, &["tr_config.max_epoch=1", "tr_config.max_val_steps_per_epoch=0"]).unwrap();
     again.overwrite = true;
     let run = again.run(&mut data, None).unwrap();
-    assert_eq!(checkpoint::epoch_checkpoints(&ck, "tiny").unwrap().len(), 1);
+    assert_eq!(folder::epoch_checkpoints(&ck, "tiny", 1).unwrap().len(), 1);
     assert!(run.best_checkpoint.is_none() && run.final_model.unwrap().exists());
 }
 
@@ -188,7 +189,7 @@ fn resume_continues_exactly() {
     let mut first = trainer(&y, &[]).unwrap();
     first.run(&mut data, Some(2)).unwrap();
     assert_eq!(first.state().epochs_done, 2);
-    let ck = checkpoint::epoch_path(&dir.join("ck"), "tiny", 2);
+    let ck = dir.join("ck").join(CheckpointName { run: 1, kind: Kind::Epoch(2) }.file_name("tiny"));
     let resume = format!("tr_setup.checkpoint_path={}", ck.display());
     let mut second = trainer(&y, &[&resume]).unwrap();
     assert_eq!((second.state().epochs_done, second.state().global_step), (2, 6));
@@ -201,6 +202,69 @@ fn resume_continues_exactly() {
     assert_eq!(second.state().ema_dice, straight.state().ema_dice);
 }
 
+/// Every file in `dir` (recursively) with its bytes.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(snapshot(&p));
+        } else {
+            out.push((p.clone(), std::fs::read(&p).unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_resume_from_an_older_checkpoint_keeps_every_file_of_both_runs() {
+    let dir = scratch_dir("resume-older");
+    let y = yaml(&dir, "max_epoch: 4, max_steps_per_epoch: 2, max_val_steps_per_epoch: 1");
+    let kept = "tr_setup.checkpoints_kept=2";
+    let mut first = trainer(&y, &[kept]).unwrap();
+    let mut data = Balls::new(first.architecture(), 2, 1);
+    let run1 = first.run(&mut data, None).unwrap();
+    drop(first);
+    let ck = dir.join("ck");
+    let before = snapshot(&ck);
+    assert_eq!(folder::epoch_checkpoints(&ck, "tiny", 1).unwrap().len(), 2);
+
+    let source = ck.join(CheckpointName { run: 1, kind: Kind::Epoch(3) }.file_name("tiny"));
+    let resume = format!("tr_setup.checkpoint_path={}", source.display());
+    let mut second = trainer(&y, &[kept, &resume, "tr_config.max_epoch=6"]).unwrap();
+    let run2 = second.run(&mut data, None).unwrap();
+    drop(second);
+    let after = snapshot(&ck);
+    for (path, bytes) in &before {
+        let kept = after.iter().find(|(p, _)| p == path).map(|(_, b)| b);
+        assert_eq!(kept, Some(bytes), "{} of the first run changed or went", path.display());
+    }
+    let run2_epochs: Vec<usize> =
+        folder::epoch_checkpoints(&ck, "tiny", 2).unwrap().into_iter().map(|(e, _)| e).collect();
+    assert_eq!(run2_epochs, vec![5, 6], "the second run's newest two, under its own name");
+    assert!(run2.final_model.unwrap().ends_with("tiny.run2_final.safetensors"));
+    assert!(run1.final_model.unwrap().exists());
+    assert!(ck.join("tiny.run2_gifs").is_dir() && dir.join("tb/tiny.run2/metrics.jsonl").exists());
+    assert_eq!(std::fs::read_to_string(dir.join("tb/tiny/metrics.jsonl")).unwrap().lines().count(), 4);
+}
+
+#[test]
+fn a_second_run_of_a_model_is_refused_while_the_first_holds_the_folder() {
+    let dir = scratch_dir("concurrent");
+    let y = yaml(&dir, "max_epoch: 1, max_steps_per_epoch: 1, max_val_steps_per_epoch: 0");
+    let mut first = trainer(&y, &[]).unwrap();
+    first.claim_outputs().unwrap();
+    let mut second = trainer(&y, &[]).unwrap();
+    second.overwrite = true;
+    let e = format!("{:#}", second.claim_outputs().unwrap_err());
+    assert!(e.contains("tiny.lock") && e.contains("being trained by pid"), "{e}");
+    let mut data = Balls::new(first.architecture(), 2, 0);
+    first.run(&mut data, None).unwrap();
+    drop(first);
+    second.run(&mut data, None).unwrap();
+}
+
 #[test]
 fn weights_only_starts_at_epoch_zero_with_a_fresh_optimizer() {
     let dir = scratch_dir("weights-only");
@@ -208,7 +272,7 @@ fn weights_only_starts_at_epoch_zero_with_a_fresh_optimizer() {
     let mut t = trainer(&y, &[]).unwrap();
     let mut data = Balls::new(t.architecture(), 2, 1);
     t.run(&mut data, Some(1)).unwrap();
-    let ck = checkpoint::epoch_path(&dir.join("ck"), "tiny", 1);
+    let ck = dir.join("ck").join(CheckpointName { run: 1, kind: Kind::Epoch(1) }.file_name("tiny"));
     let sets = [
         format!("tr_setup.checkpoint_path={}", ck.display()),
         "tr_setup.load_weights_only=true".to_string(),
@@ -237,7 +301,7 @@ fn a_mismatched_checkpoint_is_refused_before_training() {
     let mut t = trainer(&y, &[]).unwrap();
     let mut data = Balls::new(t.architecture(), 2, 0);
     t.run(&mut data, None).unwrap();
-    let ck = checkpoint::epoch_path(&dir.join("ck"), "tiny", 1);
+    let ck = dir.join("ck").join(CheckpointName { run: 1, kind: Kind::Epoch(1) }.file_name("tiny"));
     let set = format!("tr_setup.checkpoint_path={}", ck.display());
     let e = format!("{:#}", trainer(&y, &[&set, "model_config.base_features=8"]).err().unwrap());
     assert!(e.contains("checkpoint_path") && e.contains(&ck.display().to_string()), "{e}");
@@ -444,7 +508,7 @@ fn resume_through_the_loader_continues_with_the_same_batches() {
     };
     let straight = run(&["tr_setup.model_name=straight"], None);
     run(&[], Some(1));
-    let ck = checkpoint::epoch_path(&dir.join("ck"), "ex", 1);
+    let ck = dir.join("ck").join(CheckpointName { run: 1, kind: Kind::Epoch(1) }.file_name("ex"));
     let resumed = run(&[&format!("tr_setup.checkpoint_path={}", ck.display())], None);
     assert_eq!(resumed.state().global_step, 6);
     for ((name, a), (_, b)) in params(&straight).iter().zip(params(&resumed)) {

@@ -48,7 +48,7 @@ impl TrainArgs {
 pub(crate) fn train(config: Config, source: ConfigSource, overwrite: bool) -> Result<RunSummary> {
     let mut trainer = Trainer::new(config.clone(), source)?;
     trainer.overwrite = overwrite;
-    trainer.check_outputs()?;
+    trainer.claim_outputs()?;
     let mut data = LoaderSource::new(&config, trainer.architecture())?;
     let summary = trainer.run(&mut data, None)?;
     if let Some(p) = &summary.final_model {

@@ -6,7 +6,7 @@
 //! error instead of loading wrongly.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -158,51 +158,4 @@ pub fn load_weights(path: &Path, arch: &Architecture) -> Result<ParamStore> {
     let file = io::load(path).with_context(|| format!("checkpoint {}", path.display()))?;
     let (w, _) = split(file.tensors);
     weights::from_state_dict(arch, &w).with_context(|| format!("checkpoint {}", path.display()))
-}
-
-/// `<dir>/<model>_<epoch>.safetensors`, epochs counted from 1 as the seed names them.
-pub fn epoch_path(dir: &Path, model: &str, epoch: usize) -> PathBuf {
-    dir.join(format!("{model}_{epoch}.safetensors"))
-}
-
-pub fn best_path(dir: &Path, model: &str) -> PathBuf {
-    dir.join(format!("{model}_best.safetensors"))
-}
-
-pub fn final_path(dir: &Path, model: &str) -> PathBuf {
-    dir.join(format!("{model}_final.safetensors"))
-}
-
-/// The epoch checkpoints of `model` in `dir`, oldest first. Temporary files of interrupted
-/// writes (hidden `.<name>.tmp<pid>`) are not checkpoints.
-pub fn epoch_checkpoints(dir: &Path, model: &str) -> Result<Vec<(usize, PathBuf)>> {
-    let mut found = Vec::new();
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
-        Err(e) => return Err(e).with_context(|| format!("listing checkpoints in {}", dir.display())),
-    };
-    for entry in entries {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let epoch = name
-            .strip_prefix(model)
-            .and_then(|r| r.strip_prefix('_'))
-            .and_then(|r| r.strip_suffix(".safetensors"))
-            .and_then(|e| e.parse::<usize>().ok());
-        if let Some(e) = epoch {
-            found.push((e, entry.path()));
-        }
-    }
-    found.sort();
-    Ok(found)
-}
-
-/// Deletes all but the newest `keep` epoch checkpoints of `model`.
-pub fn prune(dir: &Path, model: &str, keep: usize) -> Result<()> {
-    let all = epoch_checkpoints(dir, model)?;
-    for (_, path) in &all[..all.len().saturating_sub(keep)] {
-        std::fs::remove_file(path).with_context(|| format!("removing old checkpoint {}", path.display()))?;
-    }
-    Ok(())
 }

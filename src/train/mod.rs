@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod folder;
 pub mod gif;
 pub mod log;
 pub mod metrics;

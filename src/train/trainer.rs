@@ -4,10 +4,11 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::checkpoint::{self, TrainingState};
+use super::folder::{Kind, RunFolder, Start};
 use super::gif::{self, Panel};
 use super::log::Logger;
 use super::metrics::{self, Accumulator, Decision, Score, Scoring, Validation};
@@ -87,6 +88,8 @@ pub struct Trainer {
     resumed: bool,
     /// Lets a fresh run replace the checkpoints of an earlier run of the same model name.
     pub overwrite: bool,
+    /// The checkpoint folder, held from [`Trainer::claim_outputs`] to the end of [`Trainer::run`].
+    folder: Option<RunFolder>,
     /// Draws progress bars (on a terminal).
     pub progress: bool,
 }
@@ -179,6 +182,7 @@ impl Trainer {
             state,
             resumed,
             overwrite: false,
+            folder: None,
             progress: true,
         })
     }
@@ -200,24 +204,21 @@ impl Trainer {
         self.optimizer.as_ref()
     }
 
-    /// Fails when a fresh run would replace the checkpoints of an earlier run of the same model
-    /// name (unless `overwrite`); cheap, so callers check before opening the dataset.
-    pub fn check_outputs(&self) -> Result<()> {
-        let dir = &self.config.tr_setup.ckpt_out_base;
-        let model = &self.config.tr_setup.model_name;
-        if !self.resumed && !self.overwrite {
-            let earlier = checkpoint::epoch_checkpoints(dir, model)?;
-            let fin = checkpoint::final_path(dir, model);
-            if let Some(p) = earlier.last().map(|(_, p)| p.clone()).or(fin.exists().then_some(fin)) {
-                bail!(
-                    "{} holds checkpoints of an earlier run of model '{model}' (e.g. {}); resume it with \
-                     --set tr_setup.checkpoint_path={}, pick another tr_setup.model_name or ckpt_out_base, \
-                     or replace them with --overwrite",
-                    dir.display(),
-                    p.display(),
-                    p.display()
-                );
-            }
+    /// Takes the model's checkpoint folder: its lock, and the run number this run's files are
+    /// named by. Fails when another run holds it, or when a fresh run would replace the
+    /// checkpoints of an earlier run (unless `overwrite`); cheap, so callers claim before opening
+    /// the dataset.
+    pub fn claim_outputs(&mut self) -> Result<()> {
+        if self.folder.is_none() {
+            let setup = &self.config.tr_setup;
+            let start = match &setup.checkpoint_path {
+                Some(source) if self.resumed => {
+                    Start::Resume { source: source.clone(), epochs_done: self.state.epochs_done }
+                }
+                _ if self.overwrite => Start::Replace,
+                _ => Start::Fresh,
+            };
+            self.folder = Some(RunFolder::open(&setup.ckpt_out_base, &setup.model_name, &start)?);
         }
         Ok(())
     }
@@ -225,21 +226,20 @@ impl Trainer {
     /// Trains to `tr_config.max_epoch`, or stops after epoch `stop_after` (counted from 1) with
     /// its checkpoint written, as a killed run would.
     pub fn run(&mut self, data: &mut dyn BatchSource, stop_after: Option<usize>) -> Result<RunSummary> {
-        let dir = self.config.tr_setup.ckpt_out_base.clone();
-        let model = self.config.tr_setup.model_name.clone();
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("tr_setup.ckpt_out_base {}: cannot create it", dir.display()))?;
-        self.check_outputs()?;
-        if !self.resumed && self.overwrite {
-            // Asked to replace the earlier run: none of its files may mix with this run's.
-            checkpoint::prune(&dir, &model, 0)?;
-            for p in [checkpoint::best_path(&dir, &model), checkpoint::final_path(&dir, &model)] {
-                if p.exists() {
-                    std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
-                }
-            }
-        }
-        let mut logger = Logger::create(&self.config.tr_setup.tensorboard_log_dir.join(&model))?;
+        self.claim_outputs()?;
+        // The folder is let go when the run ends, however it ends.
+        let folder = self.folder.take().expect("claimed above");
+        self.run_in(&folder, data, stop_after)
+    }
+
+    fn run_in(
+        &mut self,
+        folder: &RunFolder,
+        data: &mut dyn BatchSource,
+        stop_after: Option<usize>,
+    ) -> Result<RunSummary> {
+        let name = folder.name();
+        let mut logger = Logger::create(&self.config.tr_setup.tensorboard_log_dir.join(&name))?;
         self.state.ct_stats = data.ct_stats();
         let tr = self.config.tr_config.clone();
         let end = stop_after.map_or(tr.max_epoch, |s| s.min(tr.max_epoch));
@@ -267,18 +267,19 @@ impl Trainer {
             }
             let device = self.gpu.as_ref().zip(before).map(|(g, b)| g.counters().since(&b));
             self.state.epochs_done = epoch + 1;
-            let path = checkpoint::epoch_path(&dir, &model, epoch + 1);
+            let path = folder.path(Kind::Epoch(epoch + 1));
             // One download per save: the parameters and the optimizer state.
             let host = self.store.to_host().context("copying the parameters for the checkpoint")?;
             let opt =
                 self.optimizer.export_state().context("copying the optimizer state for the checkpoint")?;
             checkpoint::save(&path, &self.arch, &host, &opt, &self.state)?;
-            checkpoint::prune(&dir, &model, self.config.tr_setup.checkpoints_kept)?;
+            folder.prune(self.config.tr_setup.checkpoints_kept)?;
             if improved {
-                checkpoint::save(&checkpoint::best_path(&dir, &model), &self.arch, &host, &opt, &self.state)?;
+                checkpoint::save(&folder.path(Kind::Best), &self.arch, &host, &opt, &self.state)?;
             }
             if let Some((top, bottom)) = panels {
-                let gif_path = dir.join(format!("{model}_gifs")).join(format!("epoch_{:04}.gif", epoch + 1));
+                let gif_path =
+                    folder.dir().join(format!("{name}_gifs")).join(format!("epoch_{:04}.gif", epoch + 1));
                 std::fs::create_dir_all(gif_path.parent().expect("has a parent"))?;
                 gif::write(&gif_path, &top, &bottom)?;
             }
@@ -320,13 +321,13 @@ impl Trainer {
         }
         let final_model = (self.state.epochs_done >= tr.max_epoch)
             .then(|| -> Result<PathBuf> {
-                let p = checkpoint::final_path(&dir, &model);
+                let p = folder.path(Kind::Final);
                 let host = self.store.to_host().context("copying the parameters for the final model")?;
                 checkpoint::save_weights(&p, &self.arch, &host, self.state.ct_stats.as_ref())?;
                 Ok(p)
             })
             .transpose()?;
-        let best = checkpoint::best_path(&dir, &model);
+        let best = folder.path(Kind::Best);
         Ok(RunSummary { epochs, final_model, best_checkpoint: best.exists().then_some(best) })
     }
 
