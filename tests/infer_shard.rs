@@ -79,13 +79,24 @@ fn options(dir: &Path, shard: &str) -> RunOptions {
 
 /// Runs the tests' job with `overlap` (part of what is recorded) into `opts.output_path`.
 fn infer(m: &Model, overlap: f64, opts: &RunOptions) -> anyhow::Result<Summary> {
+    infer_targets(m, overlap, opts, targets())
+}
+
+/// The job writing only `targets`.
+fn infer_targets(
+    m: &Model,
+    overlap: f64,
+    opts: &RunOptions,
+    targets: Vec<OutputTarget>,
+) -> anyhow::Result<Summary> {
     let v = volume();
     let norm = Normalizer::for_volume(&v, &[Normalization::ZScore], None).unwrap();
-    let names: Vec<String> = targets().iter().map(|t| t.name.clone()).collect();
+    let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
     let predictor = NetworkPredictor::new(m.network.clone(), m.store.clone(), &names).unwrap();
-    let window = SlidingWindow::new(&v, &norm, &predictor, vec![1, 3], [8, 8, 8], overlap, 3).unwrap();
+    let channels = targets.iter().map(|t| t.channels).collect();
+    let window = SlidingWindow::new(&v, &norm, &predictor, channels, [8, 8, 8], overlap, 3).unwrap();
     let provenance = serde_json::json!({"model": "tiny, seed 3", "normalization": format!("{norm:?}")});
-    run(&Job { window, targets: targets(), provenance }, opts)
+    run(&Job { window, targets, provenance }, opts)
 }
 
 /// Every file of the store (arrays and their chunks) by relative path.
@@ -152,6 +163,99 @@ fn shards_and_a_killed_rerun_give_the_bytes_of_one_run() {
     for d in [whole, sharded, killed] {
         std::fs::remove_dir_all(d).unwrap();
     }
+}
+
+/// The chunk files of block 17, the corner block ([1, 2, 2] of the 2 x 3 x 3 chunk grid): its
+/// chunks are clipped by the volume's edge, so writing them reads what is there first.
+fn corner_chunks(dir: &Path) -> [PathBuf; 2] {
+    let store = dir.join("predictions.zarr");
+    [store.join("sheet/c/1/2/2"), store.join("normals/c/1/2/2/0")]
+}
+
+#[test]
+fn interrupted_chunk_writes_are_recovered_by_the_rerun_byte_for_byte() {
+    let m = model();
+    let whole = scratch_dir("chunks-whole");
+    infer(&m, 0.5, &options(&whole, "1/1")).unwrap();
+    let reference = store_files(&whole);
+    let killed = || {
+        let dir = scratch_dir("chunks-killed");
+        let _ = std::fs::remove_dir_all(&dir);
+        let first = infer(&m, 0.5, &RunOptions { max_blocks: Some(5), ..options(&dir, "1/1") }).unwrap();
+        assert!(!first.done);
+        dir
+    };
+
+    // Killed inside a chunk write: a truncated chunk under its name (as zarrs' own store leaves
+    // it) and a half-written temporary file beside it.
+    let dir = killed();
+    for (chunk, whole_chunk) in corner_chunks(&dir).iter().zip(corner_chunks(&whole)) {
+        let bytes = std::fs::read(whole_chunk).unwrap();
+        std::fs::create_dir_all(chunk.parent().unwrap()).unwrap();
+        std::fs::write(chunk, &bytes[..bytes.len() / 2]).unwrap();
+        std::fs::write(
+            chunk.with_file_name(format!(".{}.partial", chunk.file_name().unwrap().to_string_lossy())),
+            b"x",
+        )
+        .unwrap();
+    }
+    let rest = infer(&m, 0.5, &options(&dir, "1/1")).unwrap();
+    assert!(rest.done);
+    assert!(store_files(&dir) == reference, "the rerun after a torn chunk differs from one run");
+
+    // A write that fails (its temporary name is taken by a folder): the job fails naming the
+    // array, leaves no chunk under the name, and the rerun completes.
+    let dir = killed();
+    let [sheet, _] = corner_chunks(&dir);
+    let blocker = sheet.with_file_name(".2.partial");
+    std::fs::create_dir_all(blocker.join("x")).unwrap();
+    let e = format!("{:#}", infer(&m, 0.5, &options(&dir, "1/1")).unwrap_err());
+    assert!(e.contains("predictions.zarr/sheet"), "{e}");
+    assert!(!sheet.exists(), "a failed write leaves no chunk");
+    std::fs::remove_dir_all(&blocker).unwrap();
+    infer(&m, 0.5, &options(&dir, "1/1")).unwrap();
+    assert!(store_files(&dir) == reference, "the rerun after a failed write differs from one run");
+
+    // Killed after claiming run.json, before (or while) creating the arrays.
+    let dir = scratch_dir("chunks-claimed");
+    infer(&m, 0.5, &RunOptions { max_blocks: Some(0), ..options(&dir, "1/1") }).unwrap();
+    std::fs::remove_dir_all(dir.join("predictions.zarr/normals")).unwrap();
+    std::fs::remove_file(dir.join("predictions.zarr/sheet/zarr.json")).unwrap();
+    let start = std::time::Instant::now();
+    let s = infer(&m, 0.5, &options(&dir, "1/2")).unwrap();
+    assert!(start.elapsed().as_secs() < 20, "a later job continues at once, it does not wait");
+    assert_eq!(s.computed, 9);
+    infer(&m, 0.5, &options(&dir, "2/2")).unwrap();
+    assert!(store_files(&dir) == reference, "the run after a killed creation differs from one run");
+    for d in [whole, dir] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+#[test]
+fn overwrite_removes_what_the_earlier_run_wrote_and_nothing_else() {
+    let m = model();
+    let dir = scratch_dir("overwrite");
+    infer(&m, 0.5, &options(&dir, "1/1")).unwrap();
+    let canary = dir.join("predictions.zarr/notes.txt");
+    std::fs::write(&canary, b"mine").unwrap();
+    let sheet_only = vec![targets().remove(0)];
+    infer_targets(&m, 0.5, &RunOptions { overwrite: true, ..options(&dir, "1/1") }, sheet_only.clone())
+        .unwrap();
+    assert!(!dir.join("predictions.zarr/normals").exists(), "the target the new run does not write is gone");
+    assert_eq!(std::fs::read(&canary).unwrap(), b"mine");
+    // A folder by a target's name that is not a Zarr array is never removed.
+    std::fs::remove_dir_all(dir.join("predictions.zarr/sheet")).unwrap();
+    std::fs::create_dir_all(dir.join("predictions.zarr/sheet")).unwrap();
+    std::fs::write(dir.join("predictions.zarr/sheet/data.txt"), b"keep").unwrap();
+    let e = format!(
+        "{:#}",
+        infer_targets(&m, 0.5, &RunOptions { overwrite: true, ..options(&dir, "1/1") }, sheet_only)
+            .unwrap_err()
+    );
+    assert!(e.contains("predictions.zarr/sheet") && e.contains("not a Zarr array"), "{e}");
+    assert_eq!(std::fs::read(dir.join("predictions.zarr/sheet/data.txt")).unwrap(), b"keep");
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]

@@ -12,6 +12,7 @@ pub mod loader;
 pub mod nifti;
 pub mod normalize;
 pub mod sampling;
+pub mod store;
 pub mod zarr;
 
 pub use array::{DType, InMemoryArray, VolumeArray};

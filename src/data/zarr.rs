@@ -13,9 +13,9 @@ use rayon::prelude::*;
 use zarrs::array::codec::ZstdCodec;
 use zarrs::array::data_type::{self, Float32DataType, Int16DataType, UInt8DataType, UInt16DataType};
 use zarrs::array::{Array, ArrayBuilder, ArrayMetadataOptions, ArraySubset, ElementOwned};
-use zarrs::filesystem::FilesystemStore;
 
 use super::array::{DType, VolumeArray, check_box};
+use super::store::AtomicStore;
 
 /// A stored element type: how it becomes the f32 values every reader returns, and back.
 trait Elem: ElementOwned + Copy + Send + Sync + 'static {
@@ -200,7 +200,7 @@ impl ChannelAxis {
     }
 }
 
-fn supported_dtype(name: &str, array: &Array<FilesystemStore>) -> Result<DType> {
+fn supported_dtype(name: &str, array: &Array<AtomicStore>) -> Result<DType> {
     let dt = array.data_type();
     Ok(if dt.is::<UInt8DataType>() {
         DType::U8
@@ -215,8 +215,9 @@ fn supported_dtype(name: &str, array: &Array<FilesystemStore>) -> Result<DType> 
     })
 }
 
-/// Opens the array stored in directory `path` (v2 `.zarray` or v3 `zarr.json`).
-fn open_array(path: &Path) -> Result<Array<FilesystemStore>> {
+/// Opens the array stored in directory `path` (v2 `.zarray` or v3 `zarr.json`), through the store
+/// every array here is read and written with.
+fn open_array(path: &Path) -> Result<Array<AtomicStore>> {
     let name = path.display();
     if path.to_str().is_some_and(|p| p.starts_with("http://") || p.starts_with("https://")) {
         bail!("{name}: HTTP stores are not supported; copy the array to a local disk");
@@ -231,11 +232,11 @@ fn open_array(path: &Path) -> Result<Array<FilesystemStore>> {
              the full resolution of an OME-Zarr image)"
         );
     }
-    if !path.join(".zarray").is_file() && !path.join("zarr.json").is_file() {
+    if !has_array_metadata(path) {
         bail!("{name}: no Zarr array here (neither .zarray nor zarr.json exists)");
     }
-    let store = FilesystemStore::new(path).with_context(|| format!("{name}: cannot open as a store"))?;
-    Array::open(Arc::new(store), "/").with_context(|| format!("{name}: cannot open the Zarr array"))
+    Array::open(Arc::new(AtomicStore::new(path)?), "/")
+        .with_context(|| format!("{name}: cannot open the Zarr array"))
 }
 
 fn to_usize(v: &[u64]) -> Vec<usize> {
@@ -249,7 +250,7 @@ pub struct ZarrArray {
     name: String,
     /// Distinguishes this array's chunks in the shared cache.
     id: u64,
-    array: Array<FilesystemStore>,
+    array: Array<AtomicStore>,
     shape: [usize; 3],
     channels: usize,
     dtype: DType,
@@ -472,16 +473,56 @@ pub struct ArraySpec {
     pub attributes: serde_json::Map<String, serde_json::Value>,
 }
 
-/// Writes Zarr v3 arrays, zstd-compressed, channel axis last (omitted when channels == 1).
+/// Writes Zarr v3 arrays, zstd-compressed, channel axis last (omitted when channels == 1), each
+/// chunk whole or not at all ([`AtomicStore`]).
 pub struct ZarrWriter {
     path: PathBuf,
-    array: Array<FilesystemStore>,
+    array: Array<AtomicStore>,
     spec: ArraySpec,
 }
 
 impl ZarrWriter {
-    /// Fails if the array exists unless `overwrite`.
+    /// Fails if the array exists unless `overwrite`; what it replaces must be a Zarr array.
     pub fn create(path: &Path, spec: &ArraySpec, overwrite: bool) -> Result<ZarrWriter> {
+        let name = path.display();
+        if path.exists() {
+            ensure!(
+                overwrite,
+                "{name}: already exists; refusing to overwrite it (pass --overwrite to replace it)"
+            );
+            remove_array(path)?;
+        }
+        Self::build(path, spec)
+    }
+
+    /// The array at `path` if its metadata is there (it must hold `spec`'s shape, channels, chunks
+    /// and type), else a new one. Its metadata appears whole or not at all and jobs with one spec
+    /// write the same bytes, so racing jobs, and a job after one killed while creating, agree.
+    pub fn create_or_open(path: &Path, spec: &ArraySpec) -> Result<ZarrWriter> {
+        if !has_array_metadata(path) {
+            return Self::build(path, spec);
+        }
+        let writer = Self::open(path)?;
+        let (have, want) = (writer.spec(), spec);
+        let clipped: [usize; 3] = std::array::from_fn(|a| want.chunks[a].min(want.shape[a]));
+        ensure!(
+            (have.shape, have.channels, have.chunks, have.dtype)
+                == (want.shape, want.channels, clipped, want.dtype),
+            "{}: holds a {:?} array of shape {:?} x {} channels in chunks of {:?}; this run writes {:?} \
+             of {:?} x {} in chunks of {clipped:?}",
+            path.display(),
+            have.dtype,
+            have.shape,
+            have.channels,
+            have.chunks,
+            want.dtype,
+            want.shape,
+            want.channels
+        );
+        Ok(writer)
+    }
+
+    fn build(path: &Path, spec: &ArraySpec) -> Result<ZarrWriter> {
         let name = path.display();
         ensure!(spec.channels >= 1, "{name}: an array needs at least one channel");
         ensure!(
@@ -490,13 +531,6 @@ impl ZarrWriter {
             spec.shape,
             spec.chunks
         );
-        if path.exists() {
-            ensure!(
-                overwrite,
-                "{name}: already exists; refusing to overwrite it (pass --overwrite to replace it)"
-            );
-            std::fs::remove_dir_all(path).with_context(|| format!("{name}: cannot remove the old array"))?;
-        }
         if let Some(group) = path.parent().filter(|p| p.extension().is_some_and(|e| e == "zarr")) {
             write_group(group)?;
         }
@@ -511,8 +545,7 @@ impl ZarrWriter {
             chunks.push(spec.channels as u64);
             dims.push("c");
         }
-        let store =
-            Arc::new(FilesystemStore::new(path).with_context(|| format!("{name}: cannot open as a store"))?);
+        let store = Arc::new(AtomicStore::new(path)?);
         let (dt, fill) = match spec.dtype {
             DType::U8 => (data_type::uint8(), zarrs::array::FillValue::from(0u8)),
             DType::U16 => (data_type::uint16(), 0u16.into()),
@@ -558,6 +591,25 @@ impl ZarrWriter {
         &self.spec
     }
 
+    /// Removes every chunk the box at `start` of `size` touches, so a region written again starts
+    /// from the fill value as it did the first time, whatever an interrupted write left.
+    pub fn erase_region(&self, start: [usize; 3], size: [usize; 3]) -> Result<()> {
+        let name = self.path.display().to_string();
+        check_box(&name, self.spec.shape, start, size)?;
+        let mut chunks: Vec<Range<u64>> = (0..3)
+            .map(|a| {
+                let c = self.spec.chunks[a];
+                (start[a] / c) as u64..(start[a] + size[a]).div_ceil(c) as u64
+            })
+            .collect();
+        if self.spec.channels > 1 {
+            chunks.push(0..1);
+        }
+        self.array.erase_chunks(&ArraySubset::new_with_ranges(&chunks)).with_context(|| {
+            format!("{name}: cannot erase the chunks of the region at {start:?} of size {size:?}")
+        })
+    }
+
     /// (D,H,W,C) f32 values cast to the dtype (round + clamp for integers). Concurrent calls must not
     /// touch the same chunk (zarrs does not lock); whole-chunk writes from different threads/processes are fine.
     pub fn write_region(&self, start: [usize; 3], size: [usize; 3], data: &[f32]) -> Result<()> {
@@ -581,6 +633,22 @@ impl ZarrWriter {
         })
         .with_context(|| format!("{name}: cannot write region at {start:?} of size {size:?}"))
     }
+}
+
+/// Whether `path` holds a Zarr array's metadata (v3 `zarr.json` or v2 `.zarray`).
+pub fn has_array_metadata(path: &Path) -> bool {
+    path.join("zarr.json").is_file() || path.join(".zarray").is_file()
+}
+
+/// Removes the Zarr array at `path`, refusing anything that is not one: a name that ends up
+/// somewhere unexpected must not take a folder of other files with it.
+pub fn remove_array(path: &Path) -> Result<()> {
+    ensure!(
+        has_array_metadata(path),
+        "{}: not a Zarr array (neither zarr.json nor .zarray); refusing to remove it",
+        path.display()
+    );
+    std::fs::remove_dir_all(path).with_context(|| format!("{}: cannot remove the old array", path.display()))
 }
 
 /// Marks a `.zarr` directory holding arrays as a v3 group, so Zarr tools open it, unless it

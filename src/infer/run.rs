@@ -4,14 +4,17 @@
 //! Layout under `output_path`: `predictions.zarr/<target>` (one array per written target, chunked
 //! like the window), and `.progress/` with `run.json` (what decides the output bytes, and the block
 //! layout) and one marker per finished block, written after that block's chunks. The first job to
-//! claim `run.json` creates the arrays; every other job checks that it would write the same thing
-//! and waits for the arrays to exist. A rerun skips finished blocks; a run with other settings is
+//! claim `run.json` decides the settings; every other job checks that it would write the same
+//! thing. Every job then creates the arrays it does not find, which is atomic and idempotent, so a
+//! job killed at any point leaves a state the next one continues from. Chunks are written whole
+//! or not at all (`data::store`), and a block is erased before it is written again, so whatever an
+//! interrupted block left is replaced. A rerun skips finished blocks; a run with other settings is
 //! refused instead of mixing two predictions in one store.
 
+use std::collections::HashSet;
 use std::io::ErrorKind;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -21,12 +24,9 @@ use super::blend::{OutputTarget, SlidingWindow, finish};
 use super::shard::{Blocks, Shard};
 use crate::config::OutputType;
 use crate::data::DType;
-use crate::data::zarr::{ArraySpec, ZarrWriter};
+use crate::data::zarr::{self, ArraySpec, ZarrWriter};
 use crate::device::launch::{DeviceCounters, Gpu};
 use crate::tensor::io::write_atomic;
-
-/// How long a job waits for the job that claimed `run.json` to create the arrays.
-const CREATE_WAIT: Duration = Duration::from_secs(120);
 
 /// What is predicted and written.
 pub struct Job<'a> {
@@ -87,12 +87,22 @@ impl Layout {
         self.progress.join("run.json")
     }
 
-    fn created(&self) -> PathBuf {
-        self.progress.join("arrays-created")
-    }
-
     fn finished(&self, block: usize) -> PathBuf {
         self.progress.join(format!("block-{block}.done"))
+    }
+
+    /// The finished blocks, from one listing of `.progress` (a job over a large volume has
+    /// millions of blocks; a stat per block would take minutes before any work).
+    fn finished_blocks(&self) -> Result<HashSet<usize>> {
+        let ctx = || format!("listing {}", self.progress.display());
+        let mut done = HashSet::new();
+        for entry in std::fs::read_dir(&self.progress).with_context(ctx)? {
+            let name = entry.with_context(ctx)?.file_name();
+            let block: Option<usize> =
+                name.to_str().and_then(|n| n.strip_prefix("block-")?.strip_suffix(".done")?.parse().ok());
+            done.extend(block);
+        }
+        Ok(done)
     }
 }
 
@@ -123,7 +133,8 @@ pub fn run(job: &Job<'_>, opts: &RunOptions) -> Result<Summary> {
     let blocks = read_record(&layout)?.1;
 
     let mine = opts.shard.blocks(blocks.len());
-    let pending: Vec<usize> = mine.clone().filter(|&b| !layout.finished(b).exists()).collect();
+    let finished = layout.finished_blocks()?;
+    let pending: Vec<usize> = mine.clone().filter(|b| !finished.contains(b)).collect();
     let skipped = mine.len() - pending.len();
     let todo = &pending[..opts.max_blocks.map_or(pending.len(), |m| m.min(pending.len()))];
     let tiles: Vec<usize> = todo
@@ -145,6 +156,7 @@ pub fn run(job: &Job<'_>, opts: &RunOptions) -> Result<Summary> {
         device.extend(moved);
         for ((target, writer), logits) in job.targets.iter().zip(&writers).zip(blended) {
             let values = finish(target, logits);
+            writer.erase_region(lo, size)?;
             for (start, n) in blocks.chunks_in(lo, size) {
                 let data = sub_box(&values, size, target.channels, sub(start, lo), n);
                 writer.write_region(start, n, &data)?;
@@ -261,8 +273,10 @@ fn claim(path: &Path, record: &Value) -> Result<bool> {
     }
 }
 
-/// Creates the arrays (first job) or opens them (every other job, once they exist), refusing an
-/// output that holds something else.
+/// Claims the output or checks this job against its claim, then creates the arrays no job has
+/// created yet and opens the rest. With `overwrite` (one job only) it first removes the earlier
+/// run's progress and every array of `predictions.zarr` that unet3d infer wrote, including targets
+/// this run does not write.
 fn open_store(
     layout: &Layout,
     job: &Job<'_>,
@@ -278,10 +292,7 @@ fn open_store(
             opts.shard,
             opts.output_path.display()
         );
-        if layout.progress.exists() {
-            std::fs::remove_dir_all(&layout.progress)
-                .with_context(|| format!("removing {}", layout.progress.display()))?;
-        }
+        remove_earlier(layout, job)?;
     } else if !layout.record().exists() {
         for t in &job.targets {
             let path = layout.array(&t.name);
@@ -297,52 +308,69 @@ fn open_store(
     std::fs::create_dir_all(&layout.progress)
         .with_context(|| format!("creating {}", layout.progress.display()))?;
     let record = json!({"settings": settings, "blocks": blocks});
-    if claim(&layout.record(), &record)? {
-        let writers = job
-            .targets
-            .iter()
-            .map(|t| {
-                let spec = ArraySpec {
-                    shape: job.window.grid.shape,
-                    channels: t.channels,
-                    chunks: chunk,
-                    dtype: dtype(t.output_type),
-                    attributes: json!({"unet3d": {"target": t, "settings": settings}})
-                        .as_object()
-                        .cloned()
-                        .unwrap_or_default(),
-                };
-                ZarrWriter::create(&layout.array(&t.name), &spec, opts.overwrite)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        write_atomic(&layout.created(), b"")?;
-        return Ok(writers);
+    if !claim(&layout.record(), &record)? {
+        let (existing, _) = read_record(layout)?;
+        if &existing != settings {
+            let mut diffs = Vec::new();
+            differences(&existing, settings, "", &mut diffs);
+            bail!(
+                "{}: holds a prediction made with other settings; refusing to mix them (pass \
+                 --overwrite to replace it, or choose another output_path). Differences (existing vs \
+                 this run):\n  {}",
+                opts.output_path.display(),
+                diffs.join("\n  ")
+            );
+        }
     }
-    let (existing, _) = read_record(layout)?;
-    if &existing != settings {
-        let mut diffs = Vec::new();
-        differences(&existing, settings, "", &mut diffs);
-        bail!(
-            "{}: holds a prediction made with other settings; refusing to mix them (pass --overwrite \
-             to replace it, or choose another output_path). Differences (existing vs this run):\n  {}",
-            opts.output_path.display(),
-            diffs.join("\n  ")
-        );
+    job.targets
+        .iter()
+        .map(|t| {
+            let spec = ArraySpec {
+                shape: job.window.grid.shape,
+                channels: t.channels,
+                chunks: chunk,
+                dtype: dtype(t.output_type),
+                attributes: json!({"unet3d": {"target": t, "settings": settings}})
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
+            };
+            ZarrWriter::create_or_open(&layout.array(&t.name), &spec)
+        })
+        .collect()
+}
+
+/// What `--overwrite` replaces: `.progress`, and in `predictions.zarr` this run's target arrays
+/// (any Zarr array by that name) and every other array unet3d infer wrote (its `unet3d`
+/// attribute says so). Anything else there stays.
+fn remove_earlier(layout: &Layout, job: &Job<'_>) -> Result<()> {
+    if layout.progress.exists() {
+        std::fs::remove_dir_all(&layout.progress)
+            .with_context(|| format!("removing {}", layout.progress.display()))?;
     }
-    let start = Instant::now();
-    while !layout.created().exists() {
-        ensure!(
-            start.elapsed() < CREATE_WAIT,
-            "{}: waited {}s for the job that claimed {} to create the arrays; if no job is running, \
-             remove {} and rerun",
-            opts.output_path.display(),
-            CREATE_WAIT.as_secs(),
-            layout.record().display(),
-            layout.progress.display()
-        );
-        std::thread::sleep(Duration::from_millis(100));
+    for t in &job.targets {
+        let path = layout.array(&t.name);
+        if path.exists() {
+            zarr::remove_array(&path)?;
+        }
     }
-    job.targets.iter().map(|t| ZarrWriter::open(&layout.array(&t.name))).collect()
+    let entries = match std::fs::read_dir(&layout.store) {
+        Ok(e) => e,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", layout.store.display())),
+    };
+    for entry in entries {
+        let path = entry.with_context(|| format!("listing {}", layout.store.display()))?.path();
+        let ours = std::fs::read_to_string(path.join("zarr.json"))
+            .ok()
+            .and_then(|m| serde_json::from_str::<Value>(&m).ok())
+            .is_some_and(|m| m["attributes"]["unet3d"]["target"].is_object());
+        if ours {
+            println!("removing {}, a target this run does not write", path.display());
+            zarr::remove_array(&path)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
