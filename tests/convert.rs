@@ -200,3 +200,28 @@ fn nnunet_v2_folder_with_one_file_per_channel() {
     assert_eq!(ds.normalization, vec![Normalization::ZScore, Normalization::Ct]);
     Dataset::open(&ds, ChunkCache::new(1 << 24)).unwrap();
 }
+
+/// A float32 image with a NaN or an infinity is refused by file and voxel, and nothing is written.
+#[test]
+fn a_non_finite_voxel_is_refused_by_file_and_voxel() {
+    let dir = scratch_dir("nan");
+    let source = fixtures().join("imagesTr/hippocampus_003.nii.gz");
+    let mut bytes = Vec::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(&source).unwrap()).read_to_end(&mut bytes).unwrap();
+    let r = raw(&source);
+    let [nx, ny, _] = r.dims;
+    let offset = f32::from_le_bytes(bytes[108..112].try_into().unwrap()) as usize;
+    for (bad, name) in [(f32::NAN, "nan.nii"), (f32::NEG_INFINITY, "inf.nii")] {
+        let mut b = bytes.clone();
+        // voxel (i, j, k) = (3, 2, 1), which is (D, H, W) = (1, 2, 3)
+        let v = 3 + nx * (2 + ny);
+        b[offset + 4 * v..offset + 4 * v + 4].copy_from_slice(&bad.to_le_bytes());
+        let image = dir.join(name);
+        std::fs::write(&image, &b).unwrap();
+        let out = dir.join(format!("{name}.zarr"));
+        let opts = ConvertOptions { chunks: [16; 3], overwrite: false };
+        let e = format!("{:#}", convert_pair(std::slice::from_ref(&image), None, &out, &opts).unwrap_err());
+        assert!(e.contains(name) && e.contains("[1, 2, 3]") && e.contains(&format!("{bad}")), "{e}");
+        assert!(!out.exists());
+    }
+}

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 use unet3d::cli::Cli;
 use unet3d::config::{Activation, Config, Normalization, OutputType};
+use unet3d::data::finite::NanPolicy;
 use unet3d::data::normalize::Normalizer;
 use unet3d::data::zarr::{ArraySpec, ChunkCache, ZarrArray, ZarrWriter};
 use unet3d::data::{DType, InMemoryArray, VolumeArray};
@@ -90,7 +91,7 @@ fn infer_targets(
     targets: Vec<OutputTarget>,
 ) -> anyhow::Result<Summary> {
     let v = volume();
-    let norm = Normalizer::for_volume(&v, &[Normalization::ZScore], None).unwrap();
+    let norm = Normalizer::for_volume(&v, &[Normalization::ZScore], None, NanPolicy::Error).unwrap();
     let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
     let predictor = NetworkPredictor::new(m.network.clone(), m.store.clone(), &names).unwrap();
     let channels = targets.iter().map(|t| t.channels).collect();
@@ -344,7 +345,7 @@ fn infer_command_runs_from_a_config() {
     assert!(logits.iter().any(|&x| x < 0.0) && logits.iter().all(|x| x.is_finite()));
     let m = Model { network: Network::new(&arch, &store).unwrap(), store };
     let lib = dir.join("lib");
-    let norm = Normalizer::for_volume(&v, &[Normalization::ZScore], None).unwrap();
+    let norm = Normalizer::for_volume(&v, &[Normalization::ZScore], None, NanPolicy::Error).unwrap();
     let predictor =
         NetworkPredictor::new(m.network.clone(), m.store.clone(), &["sheet".to_string()]).unwrap();
     let window = SlidingWindow::new(&v, &norm, &predictor, vec![1], [8, 8, 8], 0.5, 3).unwrap();

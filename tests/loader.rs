@@ -368,3 +368,116 @@ fn a_loader_started_at_batch_k_continues_the_stream() {
         }
     }
 }
+
+/// `volume`'s arrays with the input stored as float32 and NaN or infinity in the slab `bad`
+/// (z slices) of the input.
+fn with_non_finite(name: &str, shape: [usize; 3], bad: std::ops::Range<usize>) -> Volume {
+    let mut v = volume(name, shape, 2..6);
+    let mut input = v.input.read([0; 3], shape).unwrap();
+    for (i, x) in input.iter_mut().enumerate() {
+        if bad.contains(&(i / (shape[1] * shape[2]))) {
+            *x = if i % 2 == 0 { f32::NAN } else { f32::INFINITY };
+        }
+    }
+    v.input = Arc::new(InMemoryArray::new(format!("{name}/input"), shape, 1, DType::F32, input).unwrap());
+    v
+}
+
+fn nan_config(policy: &str) -> DatasetConfig {
+    let mut cfg = config("random");
+    cfg.nan_policy = Config::parse(
+        &format!(
+            "dataset_config: {{nan_policy: {policy}, sampling: random, targets: {{a: {{channels: 1}}}}}}"
+        ),
+        &[],
+    )
+    .unwrap()
+    .config
+    .dataset_config
+    .nan_policy;
+    cfg
+}
+
+#[test]
+fn non_finite_inputs_are_refused_by_name_replaced_or_skipped_as_the_policy_says() {
+    let shape = [20, 12, 12];
+    let ds = || Arc::new(Dataset::from_volumes(vec![with_non_finite("nan-vol", shape, 14..20)]));
+    // error (the default), with the zscore statistics pass and without it.
+    for norm in [unet3d::config::Normalization::ZScore, unet3d::config::Normalization::None] {
+        let mut cfg = config("random");
+        cfg.normalization = vec![norm];
+        let e = format!("{:#}", Loader::train(ds(), &cfg, &[0], options(0, None)).err().expect("refused"));
+        assert!(
+            e.contains("nan-vol/input") && e.contains("[14, 0, 0]") && e.contains("nan_policy"),
+            "{norm:?}: {e}"
+        );
+    }
+    // replace: every patch is finite, and the replaced voxels read as the stated value.
+    let mut cfg = nan_config("replace");
+    cfg.nan_policy = unet3d::data::finite::NanPolicy::Replace(-7.0);
+    cfg.normalization = vec![unet3d::config::Normalization::None];
+    let mut l = Loader::train(ds(), &cfg, &[0], options(0, None)).unwrap();
+    let mut replaced = 0;
+    for b in batches(&mut l, 20) {
+        assert!(b.input.data().iter().all(|x| x.is_finite()));
+        replaced += b.input.data().iter().filter(|&&x| x == -7.0).count();
+    }
+    assert!(replaced > 0, "some patch reaches the replaced slab");
+    // skip_patch: patches touching the slab are drawn again; the rest of the volume trains.
+    let mut l = Loader::train(ds(), &nan_config("skip_patch"), &[0], options(0, None)).unwrap();
+    for b in batches(&mut l, 20) {
+        assert!(b.input.data().iter().all(|x| x.is_finite()));
+        assert!(b.origins.iter().all(|(_, o)| o[0] + 8 <= 14), "{:?}", b.origins);
+    }
+    // A volume with no finite patch at all is an error, not a hang.
+    let all_bad = Arc::new(Dataset::from_volumes(vec![with_non_finite("all-bad", shape, 0..20)]));
+    let mut l = Loader::train(all_bad, &nan_config("skip_patch"), &[0], options(0, None)).unwrap();
+    let e = format!("{:#}", l.next_batch().unwrap_err());
+    assert!(e.contains("all-bad") && e.contains("skip_patch"), "{e}");
+    // skip_patch needs random sampling.
+    let e = format!(
+        "{:#}",
+        Config::parse("dataset_config: {nan_policy: skip_patch, targets: {a: {channels: 1}}}", &[])
+            .err()
+            .unwrap()
+    );
+    assert!(e.contains("dataset_config.nan_policy") && e.contains("sampling: random"), "{e}");
+}
+
+#[test]
+fn label_values_outside_a_targets_range_are_errors_for_every_loss() {
+    for (loss, channels, bad, allowed) in [
+        ("BCEDiceLoss", 1, 2.0, "a mask value"),
+        ("BCEWithLogitsLoss", 1, 7.0, "a mask value"),
+        ("DC_and_CE_loss", 3, 3.0, "a class index in 0..3"),
+        ("CrossEntropyLoss", 2, 0.5, "a class index in 0..2"),
+    ] {
+        let yaml = format!(
+            "dataset_config: {{sampling: random, use_cache: false, targets: {{seg: {{channels: {channels}, loss_fn: {loss}}}}}}}"
+        );
+        let cfg = Config::parse(&yaml, &[]).unwrap().config.dataset_config;
+        let shape = [10, 10, 10];
+        let mut label = vec![0.0f32; 1000];
+        label[(4 * 10 + 5) * 10 + 6] = 1.0;
+        label[(7 * 10 + 2) * 10 + 3] = bad;
+        let v = Volume {
+            name: "labels".into(),
+            input: Arc::new(
+                InMemoryArray::new("labels/input", shape, 1, DType::U8, vec![1.0; 1000]).unwrap(),
+            ),
+            targets: vec![Arc::new(InMemoryArray::new("labels/seg", shape, 1, DType::U8, label).unwrap())],
+            ref_label: 0,
+        };
+        let opts =
+            LoaderOptions { patch_size: [10, 10, 10], deep_supervision_strides: vec![], ..options(0, None) };
+        let mut l = Loader::train(Arc::new(Dataset::from_volumes(vec![v])), &cfg, &[0], opts).unwrap();
+        let e = format!("{:#}", l.next_batch().unwrap_err());
+        assert!(
+            e.contains("labels/seg")
+                && e.contains(&format!("value {bad}"))
+                && e.contains("[7, 2, 3]")
+                && e.contains(allowed),
+            "{loss}: {e}"
+        );
+    }
+}

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use unet3d::config::Normalization;
+use unet3d::data::finite::NanPolicy;
 use unet3d::data::normalize::{CtChannel, CtStats, MeanStd, Normalizer, VolumeStats, normalize};
 use unet3d::data::sampling::{
     ForegroundLocations, PatchPosition, PatchSearch, find_patches, random_start, split_patches, split_volumes,
@@ -298,7 +299,7 @@ fn zscore_uses_the_whole_volume() {
     let data: Vec<f32> =
         (0..n * 2).map(|i| if i % 2 == 0 { rng.random_range(1000.0..1010.0) } else { i as f32 }).collect();
     let a = InMemoryArray::new("img", shape, 2, DType::F32, data.clone()).unwrap();
-    let stats = VolumeStats::compute(&a).unwrap();
+    let stats = VolumeStats::compute(&a, NanPolicy::Error).unwrap();
     for c in 0..2 {
         let x: Vec<f64> = data.iter().skip(c).step_by(2).map(|&v| v as f64).collect();
         let mean = x.iter().sum::<f64>() / n as f64;
@@ -310,7 +311,7 @@ fn zscore_uses_the_whole_volume() {
     let mut patch = a.read([5, 0, 0], [1, 1, 1]).unwrap();
     let want: Vec<f32> =
         (0..2).map(|c| ((patch[c] as f64 - stats.channels[c].mean) / stats.channels[c].std) as f32).collect();
-    let norm = Normalizer::for_volume(&a, &[Normalization::ZScore; 2], None).unwrap();
+    let norm = Normalizer::for_volume(&a, &[Normalization::ZScore; 2], None, NanPolicy::Error).unwrap();
     norm.apply(&mut patch).unwrap();
     assert_eq!(patch, want);
     // A constant image divides by nnU-Net's 1e-8, not by 0.

@@ -580,3 +580,53 @@ fn ct_statistics_travel_with_the_model() {
     let run = plain.run(&mut balls, None).unwrap();
     assert_eq!(checkpoint::ct_stats(&run.final_model.unwrap()).unwrap(), None);
 }
+
+/// Balls whose training batches `bad` carry a NaN in the input, with origins naming them.
+struct Poisoned {
+    balls: Balls,
+    bad: Vec<u64>,
+}
+
+impl BatchSource for Poisoned {
+    fn train_batch(&mut self, index: u64) -> Result<Batch> {
+        let mut b = self.balls.batch(index)?;
+        if self.bad.contains(&index) {
+            let mut x = b.input.data().to_vec();
+            x[5] = f32::NAN;
+            b.input = Tensor::from_vec(b.input.dims().to_vec(), x)?;
+            b.origins = vec![(1, [3, 4, 5]), (0, [0, 0, 0])];
+        }
+        Ok(b)
+    }
+
+    fn validation(&mut self) -> Result<Box<dyn Iterator<Item = Result<Batch>> + '_>> {
+        self.balls.validation()
+    }
+
+    fn volume_name(&self, index: usize) -> String {
+        ["case-a", "case-b"][index].to_string()
+    }
+}
+
+#[test]
+fn non_finite_steps_are_skipped_and_counted_and_too_many_stop_the_run_naming_the_batches() {
+    let dir = scratch_dir("non-finite");
+    let y = yaml(
+        &dir,
+        "max_epoch: 2, max_steps_per_epoch: 4, max_val_steps_per_epoch: 0, max_skipped_fraction: 0.25",
+    );
+    let mut t = trainer(&y, &[]).unwrap();
+    let balls = Balls::new(t.architecture(), 2, 0);
+    let run = t.run(&mut Poisoned { balls, bad: vec![2] }, None).unwrap();
+    assert_eq!(run.epochs.iter().map(|e| e.skipped_steps).collect::<Vec<_>>(), vec![1, 0]);
+    assert_eq!(t.state().optimizer_steps, 7, "the poisoned step alone was skipped");
+    assert!(params(&t).iter().all(|(_, v)| v.iter().all(|x| x.is_finite())));
+    let jsonl = std::fs::read_to_string(dir.join("tb/tiny/metrics.jsonl")).unwrap();
+    assert!(jsonl.lines().next().unwrap().contains("\"train/skipped_steps\":1.0"), "{jsonl}");
+
+    let mut t = trainer(&y, &["tr_setup.model_name=many"]).unwrap();
+    let balls = Balls::new(t.architecture(), 2, 0);
+    let e = format!("{:#}", t.run(&mut Poisoned { balls, bad: vec![1, 3] }, None).unwrap_err());
+    assert!(e.contains("2 of this epoch's 4 optimizer steps") && e.contains("max_skipped_fraction"), "{e}");
+    assert!(e.contains("batch 1: case-b at [3, 4, 5], case-a at [0, 0, 0]") && e.contains("batch 3:"), "{e}");
+}

@@ -206,14 +206,16 @@ impl InferArgs {
                     })?,
                 ),
                 None => Some(
-                    VolumeStats::compute(&input).with_context(|| format!("statistics of {input_path}"))?,
+                    VolumeStats::compute(&input, dc.nan_policy)
+                        .with_context(|| format!("statistics of {input_path}"))?,
                 ),
             }
         } else {
             None
         };
         let normalizer = Normalizer::new(schemes, input.dtype(), stats.as_ref(), None)
-            .with_context(|| format!("normalising {input_path}"))?;
+            .with_context(|| format!("normalising {input_path}"))?
+            .with_nan_policy(dc.nan_policy);
         let window = SlidingWindow::new(
             &input,
             &normalizer,

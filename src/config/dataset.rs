@@ -7,6 +7,7 @@ use anyhow::{Result, bail};
 
 use super::reader::{Section, boolean, choice, count_from, is_plain_name, non_negative, probability, string};
 use super::tree::Node;
+use crate::data::finite::NanPolicy;
 use crate::loss::{LOSS_NAMES, Loss};
 
 /// Applied to a target's output at inference (and in the seed's eval-mode forward).
@@ -82,6 +83,8 @@ pub enum Sampling {
 
 const SAMPLINGS: &[&str] = &["patch_search", "random"];
 
+const NAN_POLICIES: &[&str] = &["error", "replace", "skip_patch"];
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct DatasetConfig {
     pub min_labeled_ratio: f64,
@@ -95,6 +98,9 @@ pub struct DatasetConfig {
     /// One per input channel.
     pub normalization: Vec<Normalization>,
     pub sampling: Sampling,
+    /// What a NaN or infinity in a volume does: refuse it (the default), read it as a value, or
+    /// skip the patches that hold one.
+    pub nan_policy: NanPolicy,
 }
 
 impl DatasetConfig {
@@ -144,6 +150,21 @@ pub(crate) fn read_dataset_config(mut s: Section<'_>) -> Result<DatasetConfig> {
         }
         _ => Sampling::Random { oversample_foreground: oversample.unwrap_or(0.33) },
     };
+    let nan_value = s.optional("nan_value", &super::reader::number)?;
+    let nan_policy = match s.get("nan_policy", 0, &choice(NAN_POLICIES))? {
+        0 => NanPolicy::Error,
+        1 => NanPolicy::Replace(nan_value.unwrap_or(0.0) as f32),
+        _ if matches!(sampling, Sampling::PatchSearch) => bail!(
+            "{} = skip_patch needs dataset_config.sampling: random (a patch search's list of patches \
+             cannot draw another); use replace, or random sampling",
+            s.key_path("nan_policy")
+        ),
+        _ => NanPolicy::SkipPatch,
+    };
+    if nan_value.is_some() && !matches!(nan_policy, NanPolicy::Replace(_)) {
+        let key = s.key_path("nan_value");
+        s.ctx().warn(format!("{key}: ignored (only nan_policy: replace uses it)"));
+    }
     let config = DatasetConfig {
         min_labeled_ratio: s.get("min_labeled_ratio", 0.1, &probability)?,
         min_bbox_percent: s.get("min_bbox_percent", 0.95, &probability)?,
@@ -155,6 +176,7 @@ pub(crate) fn read_dataset_config(mut s: Section<'_>) -> Result<DatasetConfig> {
         volume_paths,
         normalization,
         sampling,
+        nan_policy,
     };
     s.finish(DATASET_IGNORED);
     Ok(config)

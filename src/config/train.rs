@@ -122,6 +122,9 @@ pub struct TrConfig {
     pub scheduler: LrSchedule,
     /// clip_grad_norm_ max norm on the unscaled gradients; None disables clipping.
     pub grad_clip_max_norm: Option<f64>,
+    /// The share of an epoch's optimizer steps that a non-finite loss or gradient norm may skip
+    /// before the run stops, naming the batches.
+    pub max_skipped_fraction: f64,
     /// (z, y, x).
     pub patch_size: [usize; 3],
     pub batch_size: usize,
@@ -327,6 +330,7 @@ pub(crate) fn read_tr_config(mut s: Section<'_>) -> Result<TrConfig> {
         optimizer,
         scheduler,
         grad_clip_max_norm,
+        max_skipped_fraction: s.get("max_skipped_fraction", 0.1, &probability)?,
         patch_size: s.get("patch_size", [192; 3], &size3)?,
         batch_size: s.get("batch_size", 2, &count_from(1))?,
         gradient_accumulation: s.get("gradient_accumulation", 1, &count_from(1))?,

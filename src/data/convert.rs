@@ -9,6 +9,7 @@ use rayon::prelude::*;
 use serde_json::{Value, json};
 
 use super::DType;
+use super::finite::NonFinite;
 use super::nifti::{self, NiftiHeader, NiftiImage};
 use super::zarr::{ArraySpec, ZarrWriter};
 
@@ -199,6 +200,15 @@ fn geometry(h: &NiftiHeader, sources: &[PathBuf]) -> serde_json::Map<String, Val
 /// The case's images as one (D, H, W, C) volume; every file must have the same shape.
 fn read_images(case: &Case) -> Result<(NiftiImage, usize)> {
     let mut images = case.images.iter().map(|p| nifti::read(p)).collect::<Result<Vec<_>>>()?;
+    for (img, p) in images.iter().zip(&case.images) {
+        if let Some(bad) = NonFinite::first_in(&img.data, [0; 3], img.header.shape, img.header.channels) {
+            bail!(
+                "{}: holds {bad} (after the header's scaling); a converted volume must be finite: fix \
+                 the image, or mask it before converting",
+                p.display()
+            );
+        }
+    }
     let first = images[0].header.clone();
     for (img, p) in images.iter().zip(&case.images) {
         ensure!(

@@ -4,7 +4,7 @@
 //! Batch `k` is a pure function of (seed, k): it draws from its own RNG seeded from both, so the
 //! stream is identical with 0, 1 or 8 workers and a run resumed at batch `k` continues exactly.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
@@ -20,6 +20,7 @@ use super::augment::Augmenter;
 use super::batch::{Batch, Patch, PatchTarget, TargetBatch, TargetKind};
 use super::dataset::Dataset;
 use super::dilate::{RADIUS, dilate_labels};
+use super::finite::{self, NanPolicy, voxel_of};
 use super::normalize::{CtStats, Normalizer};
 use super::sampling::{ForegroundLocations, PatchPosition, PatchSearch, random_start, split_patches};
 use crate::config::{Augmentation, Config, DatasetConfig, Normalization, Sampling, TargetConfig};
@@ -79,6 +80,10 @@ impl LoaderOptions {
     }
 }
 
+/// Under `nan_policy: skip_patch`, the draws a sample gets before its volume is declared mostly
+/// non-finite.
+const MAX_REDRAWS: u64 = 64;
+
 /// One patch to read: its volume and the start of its source box (may reach outside the volume).
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Sample {
@@ -100,8 +105,8 @@ enum Plan {
 /// How each target's stored values become training targets.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum TargetValues {
-    /// Class indices (Dice + CE, CE): as stored.
-    Classes,
+    /// Class indices in 0..n (Dice + CE, CE with n output channels): as stored.
+    Classes(usize),
     /// Binary masks (BCE family): > 0 is 1, so 0/1 and 0/255 masks both work (the seed divided by
     /// 255, which turns a 0/1 mask into 0/0.004).
     Mask,
@@ -115,7 +120,7 @@ impl TargetValues {
     fn of(target: &TargetConfig, dtype: DType) -> TargetValues {
         match TargetKind::of(target) {
             TargetKind::Labels => match target.loss {
-                Loss::DiceCe(_) | Loss::CrossEntropy(_) => TargetValues::Classes,
+                Loss::DiceCe(_) | Loss::CrossEntropy(_) => TargetValues::Classes(target.channels),
                 _ => TargetValues::Mask,
             },
             TargetKind::Values => TargetValues::Scaled(dtype.unit_scale()),
@@ -126,12 +131,38 @@ impl TargetValues {
         }
     }
 
-    fn apply(self, values: &mut [f32]) {
+    /// Converts stored values in place, after checking that each is one this kind of target can
+    /// hold: a class index, a mask value (0, 1 or the dtype's full scale), or a finite value.
+    /// Returns the first offender (its index in `values`) and what was allowed.
+    fn apply(self, values: &mut [f32], full_scale: f32) -> Result<(), (usize, String)> {
+        let check = |ok: &dyn Fn(f32) -> bool, allowed: String| match values.iter().position(|&x| !ok(x)) {
+            Some(i) => Err((i, allowed)),
+            None => Ok(()),
+        };
         match self {
-            TargetValues::Classes | TargetValues::Vectors(None) => {}
-            TargetValues::Mask => values.iter_mut().for_each(|x| *x = f32::from(*x > 0.0)),
-            TargetValues::Scaled(s) => values.iter_mut().for_each(|x| *x /= s),
-            TargetValues::Vectors(Some(half)) => values.iter_mut().for_each(|x| *x = *x / half - 1.0),
+            TargetValues::Classes(n) => {
+                check(&|x| x.fract() == 0.0 && x >= 0.0 && x < n as f32, format!("a class index in 0..{n}"))
+            }
+            TargetValues::Mask => {
+                check(
+                    &|x| x == 0.0 || x == 1.0 || x == full_scale,
+                    format!("a mask value (0, 1 or {full_scale})"),
+                )?;
+                values.iter_mut().for_each(|x| *x = f32::from(*x > 0.0));
+                Ok(())
+            }
+            TargetValues::Scaled(s) => {
+                check(&|x: f32| x.is_finite(), "a finite value".into())?;
+                values.iter_mut().for_each(|x| *x /= s);
+                Ok(())
+            }
+            TargetValues::Vectors(half) => {
+                check(&|x: f32| x.is_finite(), "a finite value".into())?;
+                if let Some(half) = half {
+                    values.iter_mut().for_each(|x| *x = *x / half - 1.0);
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -156,6 +187,9 @@ struct Source {
     kinds: Vec<TargetKind>,
     values: Vec<Vec<TargetValues>>,
     normalizers: BTreeMap<usize, Normalizer>,
+    nan: NanPolicy,
+    /// Under `nan_policy: skip_patch`, the volumes that hold a non-finite value somewhere.
+    non_finite: HashSet<usize>,
     augmenter: Option<Augmenter>,
     strides: Vec<[usize; 3]>,
     /// Per target: whether it is dilated.
@@ -228,20 +262,45 @@ impl Sampler {
 }
 
 impl Source {
-    /// The source box of one sample: input normalised (then padded with 0), targets converted
-    /// and dilated if asked (then padded with 0).
-    fn read(&self, s: Sample) -> Result<Patch> {
+    /// The source box of one sample: input normalised (then padded with 0), targets checked,
+    /// converted and dilated if asked (then padded with 0). None when `nan_policy: skip_patch`
+    /// skips it (it holds a non-finite value).
+    fn read(&self, s: Sample) -> Result<Option<Patch>> {
         let v = &self.dataset.volumes[s.volume];
         let norm = &self.normalizers[&s.volume];
         let size = self.sampler.source;
-        let input = read_padded(v.input.as_ref(), s.start, size, 0, |x, _| norm.apply(x))?;
+        let watch = self.nan == NanPolicy::SkipPatch && self.non_finite.contains(&s.volume);
+        let tainted = std::cell::Cell::new(false);
+        let skip = |x: &[f32]| {
+            let bad = watch && x.iter().any(|x| !x.is_finite());
+            tainted.set(tainted.get() || bad);
+            bad
+        };
+        let input = read_padded(v.input.as_ref(), s.start, size, 0, |x, _, _| {
+            skip(x);
+            norm.apply(x)
+        })?;
         let targets = (v.targets.iter().zip(&self.kinds))
             .zip(self.values[s.volume].iter().zip(&self.dilate))
             .map(|((t, &kind), (&conv, &dilate))| {
                 let c = t.channels();
                 let margin = if dilate { RADIUS } else { 0 };
-                let data = read_padded(t.as_ref(), s.start, size, margin, |x, shape| {
-                    conv.apply(x);
+                let data = read_padded(t.as_ref(), s.start, size, margin, |x, lo, shape| {
+                    if let NanPolicy::Replace(r) = self.nan {
+                        x.iter_mut().filter(|x| !x.is_finite()).for_each(|x| *x = r);
+                    }
+                    if skip(x) {
+                        return Ok(());
+                    }
+                    // The check comes before any conversion, so x[i] is the stored value.
+                    if let Err((i, allowed)) = conv.apply(x, t.dtype().unit_scale()) {
+                        let (voxel, channel) = voxel_of(i, lo, shape, c);
+                        bail!(
+                            "{}: value {} at voxel [z, y, x] = {voxel:?}, channel {channel} is not {allowed}",
+                            t.name(),
+                            x[i]
+                        );
+                    }
                     if dilate {
                         dilate_labels(x, shape, c);
                     }
@@ -250,7 +309,25 @@ impl Source {
                 Ok(PatchTarget { data, channels: c, kind })
             })
             .collect::<Result<_>>()?;
-        Ok(Patch { size: self.sampler.source, input, in_channels: v.input.channels(), targets })
+        let patch = Patch { size: self.sampler.source, input, in_channels: v.input.channels(), targets };
+        Ok((!tainted.get()).then_some(patch))
+    }
+
+    /// Sample `j` of batch `index`, drawn again at a random position of its volume while
+    /// `nan_policy: skip_patch` skips it (each redraw seeded by the batch, sample and attempt).
+    fn read_drawn(&self, mut s: Sample, index: u64, j: usize) -> Result<(Sample, Patch)> {
+        let sm = &self.sampler;
+        for attempt in 0..=MAX_REDRAWS {
+            if let Some(p) = self.read(s)? {
+                return Ok((s, p));
+            }
+            let mut rng = batch_rng(sm.seed ^ 0x5eed_5c1f, mix(index) ^ mix(((j as u64) << 16) | attempt));
+            s.start = random_start(sm.shapes[s.volume], sm.source, sm.patch, None, &mut rng);
+        }
+        bail!(
+            "{MAX_REDRAWS} patches in a row hold NaN or infinity (dataset_config.nan_policy: \
+             skip_patch); mask the volume or use nan_policy: replace"
+        )
     }
 
     fn batch(&self, index: u64, order: &mut PassOrder) -> Result<Batch> {
@@ -259,10 +336,11 @@ impl Source {
         let samples = sm.samples(index, &mut rng, order)?;
         let mut patches = Vec::with_capacity(samples.len());
         let mut origins = Vec::with_capacity(samples.len());
-        for s in &samples {
+        for (j, s) in samples.iter().enumerate() {
             let name = &self.dataset.volumes[s.volume].name;
-            let mut p =
-                self.read(*s).with_context(|| format!("volume {name}: reading a patch at {:?}", s.start))?;
+            let (s, mut p) = self
+                .read_drawn(*s, index, j)
+                .with_context(|| format!("volume {name}: reading a patch at {:?}", s.start))?;
             if let Some(aug) = &self.augmenter {
                 p = aug.apply(p, &mut rng).with_context(|| format!("volume {name}: augmenting a patch"))?;
             }
@@ -274,9 +352,29 @@ impl Source {
     }
 }
 
+/// Whether a volume's float arrays hold a non-finite value, for `nan_policy` (integer arrays
+/// cannot): an error naming the array and voxel under `error`, true under `skip_patch` (its patches
+/// are then checked), and no pass under `replace`. A `zscore` input was already checked by its
+/// statistics pass under `error`.
+fn non_finite(vol: &super::dataset::Volume, nan: NanPolicy, input_checked: bool) -> Result<bool> {
+    if let NanPolicy::Replace(_) = nan {
+        return Ok(false);
+    }
+    let input = (!(input_checked && nan == NanPolicy::Error)).then_some(vol.input.as_ref());
+    for array in input.into_iter().chain(vol.targets.iter().map(|t| t.as_ref())) {
+        if let Some(bad) = finite::scan(array)? {
+            if nan == NanPolicy::Error {
+                return Err(bad.refuse(array.name()));
+            }
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Reads the `size` box at `start` of `array`, channels-last; the part inside the array, grown
 /// by `margin` voxels on every side (clamped to the array), goes through `convert` (given that
-/// box's shape) before the part outside is filled with 0. The margin gives `convert` the
+/// box's first voxel and shape) before the part outside is filled with 0. The margin gives `convert` the
 /// neighbourhood a patch-border voxel depends on, so a patch equals the whole converted volume
 /// cropped. nnU-Net pads the same way: images with 0 after its (preprocessing-time)
 /// normalisation, segmentations with -1, which its `RemoveLabelTansform(-1, 0)` turns into 0
@@ -287,7 +385,7 @@ fn read_padded(
     start: [isize; 3],
     size: [usize; 3],
     margin: usize,
-    convert: impl FnOnce(&mut [f32], [usize; 3]) -> Result<()>,
+    convert: impl FnOnce(&mut [f32], [usize; 3], [usize; 3]) -> Result<()>,
 ) -> Result<Vec<f32>> {
     let shape = array.shape();
     let c = array.channels();
@@ -303,7 +401,7 @@ fn read_padded(
     let read_lo = [0, 1, 2].map(|a| clamp(a, start[a] - m));
     let read_size = [0, 1, 2].map(|a| clamp(a, start[a] + size[a] as isize + m) - read_lo[a]);
     let mut v = array.read(read_lo, read_size)?;
-    convert(&mut v, read_size)?;
+    convert(&mut v, read_lo, read_size)?;
     if margin == 0 && inner == size {
         return Ok(v);
     }
@@ -508,15 +606,20 @@ impl Loader {
         } else {
             None
         };
-        let normalizers = volumes
+        let nan = config.nan_policy;
+        let checked = volumes
             .par_iter()
             .map(|&v| {
                 let vol = &dataset.volumes[v];
-                let n = Normalizer::for_volume(vol.input.as_ref(), &config.normalization, ct.as_ref())
+                let n = Normalizer::for_volume(vol.input.as_ref(), &config.normalization, ct.as_ref(), nan)
                     .with_context(|| format!("volume {}", vol.name))?;
-                Ok((v, n))
+                let found = non_finite(vol, nan, Normalizer::needs_volume_stats(&config.normalization))
+                    .with_context(|| format!("volume {}", vol.name))?;
+                Ok(((v, n), found.then_some(v)))
             })
-            .collect::<Result<BTreeMap<_, _>>>()?;
+            .collect::<Result<Vec<_>>>()?;
+        let non_finite: HashSet<usize> = checked.iter().filter_map(|(_, f)| *f).collect();
+        let normalizers: BTreeMap<usize, Normalizer> = checked.into_iter().map(|(n, _)| n).collect();
         let values = dataset
             .volumes
             .iter()
@@ -545,6 +648,8 @@ impl Loader {
             kinds: config.targets.iter().map(TargetKind::of).collect(),
             values,
             normalizers,
+            nan,
+            non_finite,
             augmenter,
             strides: opts.deep_supervision_strides.clone(),
             dilate: config
@@ -750,12 +855,12 @@ mod tests {
     fn read_padded_fills_outside_with_zero_after_converting() {
         use crate::data::InMemoryArray;
         let a = InMemoryArray::new("a", [1, 2, 2], 1, DType::F32, vec![1., 2., 3., 4.]).unwrap();
-        let v = read_padded(&a, [0, -1, 1], [1, 3, 2], 0, |x, _| {
+        let v = read_padded(&a, [0, -1, 1], [1, 3, 2], 0, |x, _, _| {
             x.iter_mut().for_each(|v| *v *= 10.0);
             Ok(())
         })
         .unwrap();
         assert_eq!(v, vec![0., 0., 20., 0., 40., 0.]);
-        assert_eq!(read_padded(&a, [5, 0, 0], [1, 1, 1], 0, |_, _| Ok(())).unwrap(), vec![0.0]);
+        assert_eq!(read_padded(&a, [5, 0, 0], [1, 1, 1], 0, |_, _, _| Ok(())).unwrap(), vec![0.0]);
     }
 }

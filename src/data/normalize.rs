@@ -9,6 +9,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::array::{DType, VolumeArray};
+use super::finite::{NanPolicy, NonFinite};
 use super::sampling::{ForegroundIndex, tiles};
 use crate::config::Normalization;
 
@@ -79,14 +80,26 @@ impl Moments {
 }
 
 impl VolumeStats {
-    /// One parallel pass over the whole array, tile by tile.
-    pub fn compute(array: &dyn VolumeArray) -> Result<VolumeStats> {
+    /// One parallel pass over the whole array, tile by tile. A non-finite value is refused with
+    /// its voxel, counted as the replacement, or left out, as `nan` says.
+    pub fn compute(array: &dyn VolumeArray, nan: NanPolicy) -> Result<VolumeStats> {
         let c = array.channels();
         let per_tile = tiles(array.shape(), TILE)
             .par_iter()
             .map(|&(start, size)| {
                 let v = array.read(start, size)?;
-                Ok((0..c).map(|ch| Moments::of(v.iter().skip(ch).step_by(c).map(|&x| x as f64))).collect())
+                if nan == NanPolicy::Error
+                    && let Some(bad) = NonFinite::first_in(&v, start, size, c)
+                {
+                    return Err(bad.refuse(array.name()));
+                }
+                let value = |x: f32| match nan {
+                    NanPolicy::Replace(r) if !x.is_finite() => Some(r as f64),
+                    _ => x.is_finite().then_some(x as f64),
+                };
+                Ok((0..c)
+                    .map(|ch| Moments::of(v.iter().skip(ch).step_by(c).filter_map(|&x| value(x))))
+                    .collect())
             })
             .collect::<Result<Vec<Vec<Moments>>>>()?;
         let channels = (0..c)
@@ -196,6 +209,8 @@ struct Affine {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Normalizer {
     channels: Vec<Affine>,
+    /// What a non-finite stored value is read as (`nan_policy: replace`).
+    replace_non_finite: Option<f32>,
 }
 
 impl Normalizer {
@@ -241,7 +256,16 @@ impl Normalizer {
             })
         };
         let channels = schemes.iter().enumerate().map(|(i, s)| channel(i, s)).collect::<Result<_>>()?;
-        Ok(Normalizer { channels })
+        Ok(Normalizer { channels, replace_non_finite: None })
+    }
+
+    /// Reads non-finite stored values as `nan_policy` says before normalising them.
+    pub fn with_nan_policy(self, nan: NanPolicy) -> Normalizer {
+        let replace_non_finite = match nan {
+            NanPolicy::Replace(v) => Some(v),
+            NanPolicy::Error | NanPolicy::SkipPatch => None,
+        };
+        Normalizer { replace_non_finite, ..self }
     }
 
     /// Whether any channel needs [`VolumeStats`] (a pass over the whole volume).
@@ -254,6 +278,7 @@ impl Normalizer {
         input: &dyn VolumeArray,
         schemes: &[Normalization],
         ct: Option<&CtStats>,
+        nan: NanPolicy,
     ) -> Result<Normalizer> {
         ensure!(
             schemes.len() == input.channels(),
@@ -262,8 +287,9 @@ impl Normalizer {
             input.channels(),
             schemes.len()
         );
-        let stats = if Self::needs_volume_stats(schemes) { Some(VolumeStats::compute(input)?) } else { None };
-        Normalizer::new(schemes, input.dtype(), stats.as_ref(), ct)
+        let stats =
+            if Self::needs_volume_stats(schemes) { Some(VolumeStats::compute(input, nan)?) } else { None };
+        Ok(Normalizer::new(schemes, input.dtype(), stats.as_ref(), ct)?.with_nan_policy(nan))
     }
 
     /// Normalises channels-last values in place.
@@ -274,6 +300,9 @@ impl Normalizer {
             "normalisation: {} values are not a whole number of {c}-channel voxels",
             values.len()
         );
+        if let Some(r) = self.replace_non_finite {
+            values.iter_mut().filter(|x| !x.is_finite()).for_each(|x| *x = r);
+        }
         let map = |x: &mut f32, a: &Affine| *x = ((x.clamp(a.lo, a.hi) as f64 - a.shift) * a.scale) as f32;
         if let [a] = self.channels.as_slice() {
             // The common single-channel case as one contiguous (vectorisable) loop.

@@ -27,6 +27,7 @@ pub struct LoaderSource {
     next: u64,
     validation: Option<Loader>,
     ct_stats: Option<CtStats>,
+    volume_names: Vec<String>,
 }
 
 impl LoaderSource {
@@ -36,6 +37,7 @@ impl LoaderSource {
     pub fn new(config: &Config, arch: &Architecture) -> Result<Self> {
         let dc = &config.dataset_config;
         let dataset = Arc::new(Dataset::open(dc, ChunkCache::new(CHUNK_CACHE_BYTES))?);
+        let volume_names = dataset.volumes.iter().map(|v| v.name.clone()).collect();
         let (train, val) =
             split_volumes(dataset.volumes.len(), config.tr_setup.tr_val_split, config.tr_setup.seed);
         let names = |v: &[usize]| {
@@ -70,7 +72,14 @@ impl LoaderSource {
             let opts = LoaderOptions { first_batch, ..train_opts.clone() };
             Loader::train(Arc::clone(&dataset), &dc, &train, opts).context("the training loader")
         };
-        Ok(LoaderSource { train: Some(first), start: Box::new(start), next: 0, validation, ct_stats })
+        Ok(LoaderSource {
+            train: Some(first),
+            start: Box::new(start),
+            next: 0,
+            validation,
+            ct_stats,
+            volume_names,
+        })
     }
 }
 
@@ -98,5 +107,9 @@ impl BatchSource for LoaderSource {
 
     fn ct_stats(&self) -> Option<CtStats> {
         self.ct_stats.clone()
+    }
+
+    fn volume_name(&self, index: usize) -> String {
+        self.volume_names.get(index).cloned().unwrap_or_else(|| format!("volume {index}"))
     }
 }

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::checkpoint::{self, TrainingState};
@@ -38,6 +38,10 @@ pub trait BatchSource {
     fn ct_stats(&self) -> Option<CtStats> {
         None
     }
+    /// The name of volume `index` of a batch's origins, for messages.
+    fn volume_name(&self, index: usize) -> String {
+        format!("volume {index}")
+    }
 }
 
 /// The YAML a run was started from, kept in its checkpoints.
@@ -57,6 +61,8 @@ pub struct EpochReport {
     pub train_loss: f64,
     pub train_target_losses: Vec<(String, f64)>,
     pub patches_per_s: f64,
+    /// Optimizer steps skipped for a non-finite loss or gradient norm.
+    pub skipped_steps: usize,
     pub validation: Option<Validation>,
     pub ema_dice: Option<f64>,
     pub checkpoint: PathBuf,
@@ -288,6 +294,7 @@ impl Trainer {
                 ("train/lr".to_string(), lr),
                 ("train/patches_per_s".to_string(), train.patches_per_s),
                 ("train/grad_norm".to_string(), train.grad_norm),
+                ("train/skipped_steps".to_string(), train.skipped_steps as f64),
             ];
             scalars.extend(train.target_losses.iter().map(|(n, l)| (format!("train/{n}/loss"), *l)));
             if let Some(v) = &validation {
@@ -311,6 +318,7 @@ impl Trainer {
                 train_loss: train.loss,
                 train_target_losses: train.target_losses,
                 patches_per_s: train.patches_per_s,
+                skipped_steps: train.skipped_steps,
                 validation,
                 ema_dice: self.state.ema_dice,
                 checkpoint: path,
@@ -401,6 +409,12 @@ impl Trainer {
         let bar = self.bar(steps as u64, format!("epoch {}/{} lr {lr:.2e}", epoch + 1, tr.max_epoch));
         let (mut loss_sum, mut target_sums) = (0.0, vec![0.0; targets.len()]);
         let (mut norm_sum, mut norms) = (0.0, 0usize);
+        // The current accumulation group's batches, and those of the groups a non-finite loss or
+        // gradient norm skipped.
+        let (mut group, mut skipped) = (Vec::new(), Vec::new());
+        let groups = steps.div_ceil(accum);
+        let max_skipped = tr.max_skipped_fraction;
+        let allowed = (max_skipped * groups as f64).floor() as usize;
         let (start, mut patches, mut in_group) = (Instant::now(), 0usize, 0usize);
         self.store.zero_grad();
         let mut fetch =
@@ -413,6 +427,7 @@ impl Trainer {
                 bar.suspend(|| println!("{}", describe_batch(&batch.batch)));
             }
             let losses = self.train_step(&batch, accum)?;
+            group.push((index, batch.batch.origins.clone()));
             // The next batch goes up while this step's kernels run; the loss values and the
             // gradient norm below are the step's only waits for the device.
             if i + 1 < steps {
@@ -425,11 +440,18 @@ impl Trainer {
                     // A short last group: its gradient is the mean of fewer batches.
                     self.store.scale_grads(accum as f32 / in_group as f32)?;
                 }
-                if let Some(n) = self.optimizer_step()? {
-                    norm_sum += n;
-                    norms += 1;
+                match self.optimizer_step()? {
+                    Some(n) => {
+                        norm_sum += n;
+                        norms += 1;
+                    }
+                    None => skipped.push(std::mem::take(&mut group)),
                 }
+                group.clear();
                 in_group = 0;
+                if skipped.len() > allowed {
+                    break;
+                }
             }
             let values: Vec<f64> = losses.iter().map(|l| l.item().map(f64::from)).collect::<Result<_>>()?;
             let weighted: f64 = values.iter().zip(targets).map(|(v, t)| v * t.weight).sum();
@@ -445,12 +467,33 @@ impl Trainer {
             bar.inc(1);
         }
         bar.finish_and_clear();
+        if skipped.len() > allowed {
+            let batches: Vec<String> = skipped
+                .iter()
+                .flatten()
+                .take(8)
+                .map(|(b, origins)| {
+                    let at: Vec<String> =
+                        origins.iter().map(|(v, p)| format!("{} at {p:?}", data.volume_name(*v))).collect();
+                    format!("batch {b}: {}", at.join(", "))
+                })
+                .collect();
+            bail!(
+                "{} of this epoch's {groups} optimizer steps were skipped for a non-finite loss or \
+                 gradient norm, more than tr_config.max_skipped_fraction = {} allows; the batches \
+                 (patch starts [z, y, x]):\n  {}",
+                skipped.len(),
+                max_skipped,
+                batches.join("\n  ")
+            );
+        }
         let n = steps as f64;
         Ok(TrainEpoch {
             loss: loss_sum / n,
             target_losses: targets.iter().zip(target_sums).map(|(t, s)| (t.name.clone(), s / n)).collect(),
             patches_per_s: patches as f64 / start.elapsed().as_secs_f64().max(1e-9),
             grad_norm: if norms > 0 { norm_sum / norms as f64 } else { f64::NAN },
+            skipped_steps: skipped.len(),
         })
     }
 
@@ -571,6 +614,8 @@ struct TrainEpoch {
     target_losses: Vec<(String, f64)>,
     patches_per_s: f64,
     grad_norm: f64,
+    /// Optimizer steps skipped for a non-finite loss or gradient norm.
+    skipped_steps: usize,
 }
 
 /// Sample 0 of (N, D, H, W, C): every channel when C = 3 (shown in colour), else channel 0.
@@ -644,6 +689,9 @@ fn describe_epoch(r: &EpochReport, max_epoch: usize) -> String {
         r.train_target_losses.iter().map(|(n, l)| format!("{n} {l:.4}")).collect::<Vec<_>>().join(", "),
         r.patches_per_s
     );
+    if r.skipped_steps > 0 {
+        s += &format!(", {} steps skipped (non-finite loss or gradient)", r.skipped_steps);
+    }
     if let Some(c) = &r.device {
         s += &format!("\n  device: {c}");
     }
