@@ -324,3 +324,18 @@ fn temporary_files_of_interrupted_writes_go_when_a_run_starts() {
         assert!(dir.join(n).exists(), "{n}");
     }
 }
+
+#[test]
+fn weights_with_nan_are_refused_naming_the_tensor() {
+    let (dir, arch) = (scratch_dir("nan-weights"), arch(4));
+    let (mut store, _) = trained(&arch, 0);
+    let id = store.ids().nth(3).unwrap();
+    let name = store.name(id).to_string();
+    let mut v = store.value(id).data().to_vec();
+    v[0] = f32::NAN;
+    store.set_value(id, Tensor::from_vec(store.value(id).dims().to_vec(), v).unwrap()).unwrap();
+    let path = dir.join("w.safetensors");
+    weights::save(&path, &arch, &store).unwrap();
+    let e = format!("{:#}", checkpoint::load_weights(&path, &arch).err().unwrap());
+    assert!(e.contains("w.safetensors") && e.contains(&name) && e.contains("NaN"), "{e}");
+}

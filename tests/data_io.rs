@@ -368,3 +368,36 @@ fn example_data_is_the_demo_layout_consistent_and_deterministic() {
     assert!(err.contains("volume0.zarr/input") && err.contains("already exists"), "{err}");
     write_example_data(&dir, &ExampleOptions { overwrite: true, ..opts }).unwrap();
 }
+
+/// Sizes in the metadata are checked before they allocate: a chunk larger than memory and a
+/// shape beyond counting are errors naming the array, never an abort.
+#[test]
+fn metadata_sizes_that_cannot_be_allocated_are_errors() {
+    let dir = scratch_dir("huge-meta");
+    let meta = |shape: serde_json::Value, chunk: serde_json::Value| {
+        serde_json::json!({
+            "zarr_format": 3, "node_type": "array", "shape": shape, "data_type": "uint8",
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk}},
+            "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+            "fill_value": 0, "codecs": [{"name": "bytes"}],
+        })
+    };
+    for (name, m, want) in [
+        (
+            "chunk",
+            meta(serde_json::json!([100000, 100000, 100000]), serde_json::json!([100000, 100000, 100000])),
+            "chunk_shape",
+        ),
+        (
+            "shape",
+            meta(serde_json::json!([u64::MAX, u64::MAX, 2]), serde_json::json!([8, 8, 8])),
+            "more voxels",
+        ),
+    ] {
+        let a = dir.join(name);
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::write(a.join("zarr.json"), m.to_string()).unwrap();
+        let e = format!("{:#}", ZarrArray::open(&a, 1, &cache()).err().expect("refused"));
+        assert!(e.contains(&a.display().to_string()) && e.contains(want), "{name}: {e}");
+    }
+}

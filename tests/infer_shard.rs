@@ -337,6 +337,8 @@ fn infer_command_runs_from_a_config() {
     Cli::try_parse_from(args(&["--block-mb", "0"])).unwrap().run().unwrap();
     assert!(done(18));
     assert!(!out.join("predictions.zarr/normals").exists());
+    let e = format!("{:#}", Cli::try_parse_from(args(&["--random-weights", "3"])).unwrap().run().unwrap_err());
+    assert!(e.contains("--random-weights with --checkpoint"), "{e}");
     let cache = ChunkCache::new(1 << 20);
     let got = ZarrArray::open(&out.join("predictions.zarr/sheet"), 1, &cache).unwrap();
     assert_eq!((got.shape(), got.dtype()), (SHAPE, DType::F32));
@@ -375,4 +377,19 @@ fn infer_command_runs_from_a_config() {
         format!("{:#}", Cli::try_parse_from(args(&["--activation", "sheet"])).unwrap().run().unwrap_err());
     assert!(err.contains("--activation 'sheet'"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_network_that_predicts_nan_is_an_error_and_writes_nothing_of_the_block() {
+    let mut m = model();
+    let id = m.store.ids().next().unwrap();
+    let mut v = m.store.value(id).data().to_vec();
+    v.iter_mut().for_each(|x| *x = f32::NAN);
+    let dims = m.store.value(id).dims().to_vec();
+    m.store.set_value(id, unet3d::tensor::Tensor::from_vec(dims, v).unwrap()).unwrap();
+    let dir = scratch_dir("nan-model");
+    let e = format!("{:#}", infer(&m, 0.5, &options(&dir, "1/1")).unwrap_err());
+    assert!(e.contains("target 'sheet'") && e.contains("NaN") && e.contains("voxel"), "{e}");
+    assert!(!dir.join("predictions.zarr/sheet/c").exists(), "no chunk was written");
+    assert!(!dir.join(".progress/block-0.done").exists());
 }

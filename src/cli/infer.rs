@@ -159,6 +159,16 @@ impl InferArgs {
         };
 
         let arch = config.architecture()?;
+        if let (Some(_), Some(p)) = (flags.random_weights, &self.keys.checkpoint) {
+            bail!("--random-weights with --checkpoint {}: choose one", p.display());
+        }
+        if let (Some(seed), Some(p)) = (flags.random_weights, &ic.checkpoint_path) {
+            eprintln!(
+                "warning: --random-weights {seed}: the config's inference_config.checkpoint_path {} is \
+                 not used",
+                p.display()
+            );
+        }
         let (mut store, weights) = match (flags.random_weights, &ic.checkpoint_path) {
             (Some(seed), _) => (init::initialize(&arch, seed)?, json!({"random_weights": seed})),
             (None, Some(path)) => {

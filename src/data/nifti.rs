@@ -7,6 +7,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
 
+use crate::tensor::memory::check_allocation;
+
 /// The on-disk element type of a NIfTI image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NiftiType {
@@ -101,9 +103,10 @@ pub struct NiftiImage {
 
 const HEADER_BYTES: usize = 348;
 
-/// Reads the file, decompressing it when it is gzip (by its magic bytes, not its name). `limit`
-/// stops after that many bytes, for reading the header alone.
-fn read_bytes(path: &Path, limit: Option<u64>) -> Result<Vec<u8>> {
+/// Reads the file's first `limit` bytes (fewer if it is shorter), decompressing it when it is gzip
+/// (by its magic bytes, not its name): a gzip stream is read no further than the header says the
+/// image needs, whatever it would expand to.
+fn read_bytes(path: &Path, limit: u64) -> Result<Vec<u8>> {
     let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let mut reader = std::io::BufReader::new(file);
     let mut magic = [0u8; 2];
@@ -116,7 +119,7 @@ fn read_bytes(path: &Path, limit: Option<u64>) -> Result<Vec<u8>> {
     };
     let mut bytes = Vec::new();
     source
-        .take(limit.unwrap_or(u64::MAX))
+        .take(limit)
         .read_to_end(&mut bytes)
         .with_context(|| format!("{}: cannot read (a truncated or corrupt file?)", path.display()))?;
     Ok(bytes)
@@ -124,19 +127,29 @@ fn read_bytes(path: &Path, limit: Option<u64>) -> Result<Vec<u8>> {
 
 /// Reads the header only (a few hundred bytes even of a large .nii.gz).
 pub fn read_header(path: &Path) -> Result<NiftiHeader> {
-    parse_header(&read_bytes(path, Some(HEADER_BYTES as u64))?)
+    parse_header(&read_bytes(path, HEADER_BYTES as u64)?)
         .with_context(|| format!("{}: not a readable NIfTI-1 image", path.display()))
 }
 
+/// Reads the header, checks that the voxels it promises fit in memory (and, uncompressed, in the
+/// file), then reads exactly those bytes.
 pub fn read(path: &Path) -> Result<NiftiImage> {
     let name = path.display();
-    let bytes = read_bytes(path, None)?;
-    let header = parse_header(&bytes).with_context(|| format!("{name}: not a readable NIfTI-1 image"))?;
+    let header = read_header(path)?;
     let [d, h, w] = header.shape;
     let c = header.channels;
     let n = d * h * w * c;
     let size = header.dtype.bytes();
     let start = header.vox_offset;
+    let needed = (n as u64).checked_mul(size as u64).and_then(|b| b.checked_add(start as u64));
+    // The bytes read and the f32 voxels decoded from them.
+    let memory = needed.and_then(|b| b.checked_add(4 * n as u64));
+    check_allocation(
+        memory,
+        format_args!("{name}: dim {d}x{h}x{w}x{c} of {} after vox_offset {start}", header.dtype.name()),
+    )?;
+    let needed = needed.expect("checked above");
+    let bytes = read_bytes(path, needed)?;
     ensure!(
         bytes.len() >= start + n * size,
         "{name}: {} bytes of voxel data after vox_offset {start}, but {d}x{h}x{w}x{c} {} voxels need {}",
@@ -217,6 +230,11 @@ fn parse_header(b: &[u8]) -> Result<NiftiHeader> {
     };
     let pixdim: Vec<f64> = (0..8).map(|k| f32_at(76 + 4 * k) as f64).collect();
     let vox_offset = f32_at(108);
+    // Beyond 2^40 bytes no image file is; a float beyond that would also lose whole bytes.
+    ensure!(
+        vox_offset.is_finite() && vox_offset.fract() == 0.0 && vox_offset < (1u64 << 40) as f32,
+        "vox_offset {vox_offset} is not a byte offset into a file"
+    );
     ensure!(vox_offset >= HEADER_BYTES as f32, "vox_offset {vox_offset} lies inside the header");
     let (slope, inter) = (f32_at(112), f32_at(116));
     let scaling = (slope != 0.0 && (slope, inter) != (1.0, 0.0)).then_some((slope, inter));
@@ -334,5 +352,41 @@ mod tests {
         std::fs::write(&p, bytes).unwrap();
         let err = format!("{:#}", read(&p).unwrap_err());
         assert!(err.contains("plain.nii") && err.contains("need 48"), "{err}");
+    }
+
+    /// Header values that would crash or exhaust memory are errors naming the file and field.
+    #[test]
+    fn hostile_headers_are_errors_not_crashes() {
+        let dir = std::env::temp_dir().join(format!("unet3d-nifti-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let values: Vec<i16> = (0..24).collect();
+        let with = |name: &str, edit: &dyn Fn(&mut Vec<u8>)| {
+            let mut b = nii([4, 3, 2, 1], &values, false, 1.0, 0.0);
+            edit(&mut b);
+            let p = dir.join(name);
+            std::fs::write(&p, &b).unwrap();
+            format!("{:#}", read(&p).unwrap_err())
+        };
+        for v in [f32::INFINITY, f32::NAN, 1e20, -5.0, 352.5] {
+            let e = with("offset.nii", &|b| b[108..112].copy_from_slice(&v.to_le_bytes()));
+            assert!(e.contains("offset.nii") && e.contains("vox_offset"), "{v}: {e}");
+        }
+        // 32767^3 float64 voxels: refused before anything is allocated.
+        let e = with("huge.nii", &|b| {
+            for k in 1..=3 {
+                b[40 + 2 * k..42 + 2 * k].copy_from_slice(&32767i16.to_le_bytes());
+            }
+            b[70..72].copy_from_slice(&64i16.to_le_bytes());
+        });
+        assert!(e.contains("huge.nii") && e.contains("GiB") && e.contains("float64"), "{e}");
+        // A gzip stream is read no further than the header's size, however long it is.
+        let mut long = nii([4, 3, 2, 1], &values, false, 1.0, 0.0);
+        long.extend(std::iter::repeat_n(7u8, 1 << 20));
+        let p = dir.join("long.nii.gz");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &long).unwrap();
+        std::fs::write(&p, gz.finish().unwrap()).unwrap();
+        assert_eq!(read_bytes(&p, 352 + 48).unwrap().len(), 400);
+        assert_eq!(read(&p).unwrap().data, values.iter().map(|&v| v as f32).collect::<Vec<_>>());
     }
 }

@@ -16,6 +16,7 @@ use zarrs::array::{Array, ArrayBuilder, ArrayMetadataOptions, ArraySubset, Eleme
 
 use super::array::{DType, VolumeArray, check_box};
 use super::store::AtomicStore;
+use crate::tensor::memory::check_allocation;
 
 /// A stored element type: how it becomes the f32 values every reader returns, and back.
 trait Elem: ElementOwned + Copy + Send + Sync + 'static {
@@ -235,8 +236,21 @@ fn open_array(path: &Path) -> Result<Array<AtomicStore>> {
     if !has_array_metadata(path) {
         bail!("{name}: no Zarr array here (neither .zarray nor zarr.json exists)");
     }
-    Array::open(Arc::new(AtomicStore::new(path)?), "/")
-        .with_context(|| format!("{name}: cannot open the Zarr array"))
+    let array = Array::open(Arc::new(AtomicStore::new(path)?), "/")
+        .with_context(|| format!("{name}: cannot open the Zarr array"))?;
+    // Sizes from the metadata, checked before anything is allocated by them: the voxel count must
+    // be countable and one decoded chunk (and its f32 copy) must fit in memory.
+    let shape = array.shape();
+    ensure!(
+        shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d)).is_some(),
+        "{name}: zarr.json shape {shape:?} holds more voxels than can be counted"
+    );
+    let chunk = array
+        .chunk_shape_usize(&vec![0; shape.len()])
+        .with_context(|| format!("{name}: the chunk grid has no first chunk"))?;
+    let bytes = chunk.iter().try_fold(8u64, |n, &d| n.checked_mul(d as u64));
+    check_allocation(bytes, format_args!("{name}: a chunk of shape {chunk:?} (zarr.json chunk_shape)"))?;
+    Ok(array)
 }
 
 fn to_usize(v: &[u64]) -> Vec<usize> {
@@ -286,9 +300,7 @@ impl ZarrArray {
             ),
             n => bail!("{name}: {n}D array of shape {s:?}; expected 3D (D, H, W) or 4D with a channel axis"),
         };
-        let c = array
-            .chunk_shape_usize(&vec![0; s.len()])
-            .with_context(|| format!("{name}: the chunk grid has no first chunk"))?;
+        let c = array.chunk_shape_usize(&vec![0; s.len()]).expect("open_array checks the first chunk");
         let ax = axis.array_axes();
         let chunk_shape = [c[ax[0]], c[ax[1]], c[ax[2]]];
         Ok(ZarrArray {
@@ -570,8 +582,7 @@ impl ZarrWriter {
         let array = open_array(path)?;
         let dtype = supported_dtype(&name, &array)?;
         let s = to_usize(array.shape());
-        let c =
-            array.chunk_shape_usize(&vec![0; s.len()]).with_context(|| format!("{name}: no chunk grid"))?;
+        let c = array.chunk_shape_usize(&vec![0; s.len()]).expect("open_array checks the first chunk");
         let channels = match s.len() {
             3 => 1,
             4 => s[3],

@@ -24,6 +24,7 @@ use super::blend::{OutputTarget, SlidingWindow, finish};
 use super::shard::{Blocks, Shard};
 use crate::config::OutputType;
 use crate::data::DType;
+use crate::data::finite::NonFinite;
 use crate::data::zarr::{self, ArraySpec, ZarrWriter};
 use crate::device::launch::{DeviceCounters, Gpu};
 use crate::tensor::io::write_atomic;
@@ -155,6 +156,15 @@ pub fn run(job: &Job<'_>, opts: &RunOptions) -> Result<Summary> {
         let moved = gpu.as_ref().zip(before).map(|(g, c)| g.counters().since(&c));
         device.extend(moved);
         for ((target, writer), logits) in job.targets.iter().zip(&writers).zip(blended) {
+            // Written as integers a NaN would become 0 unnoticed: a model that predicts NaN is an
+            // error, and the block stays unfinished.
+            if let Some(bad) = NonFinite::first_in(&logits, lo, size, target.channels) {
+                bail!(
+                    "target '{}': the network's output is {bad}; its weights or this input hold \
+                     non-finite values (nothing of this block was written)",
+                    target.name
+                );
+            }
             let values = finish(target, logits);
             writer.erase_region(lo, size)?;
             for (start, n) in blocks.chunks_in(lo, size) {

@@ -134,6 +134,10 @@ pub fn from_state_dict(arch: &Architecture, tensors: &BTreeMap<String, Tensor>) 
         }
         bail!(msg);
     }
+    // A network with a NaN or infinite weight predicts nothing but NaN.
+    if let Some(spec) = specs.iter().find(|s| tensors[&s.name].data().iter().any(|x| !x.is_finite())) {
+        bail!("'{}' holds NaN or infinite values; the weights are unusable", spec.name);
+    }
     let mut store = ParamStore::new();
     for spec in &specs {
         store.add(&spec.name, from_torch(spec.layout, &tensors[&spec.name])?)?;

@@ -34,21 +34,74 @@ fn to_f32(name: &str, view: &TensorView<'_>) -> anyhow::Result<Vec<f32>> {
     })
 }
 
+/// A safetensors file's bytes, read only after its size and header length are checked: a path
+/// that is not a regular file (a link to /dev/zero), a header length beyond the file and a file
+/// larger than memory are errors before anything is allocated.
+fn read_checked(path: &Path) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
+    let name = path.display();
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {name}"))?;
+    anyhow::ensure!(meta.is_file(), "{name}: not a regular file");
+    let len = meta.len();
+    // The file's bytes, and the f32 tensors made from them (at most four times their size, from
+    // uint8).
+    super::memory::check_allocation(len.checked_mul(5), format_args!("{name}: a {len}-byte file"))?;
+    let mut file = std::fs::File::open(path).with_context(|| format!("reading {name}"))?;
+    let mut head = [0u8; 8];
+    file.read_exact(&mut head).with_context(|| format!("{name}: shorter than a safetensors header"))?;
+    let header = u64::from_le_bytes(head);
+    anyhow::ensure!(
+        header.checked_add(8).is_some_and(|h| h <= len),
+        "{name}: not a safetensors file (its header claims {header} bytes of a {len}-byte file)"
+    );
+    let mut bytes = Vec::with_capacity(len as usize);
+    bytes.extend_from_slice(&head);
+    file.take(len - 8).read_to_end(&mut bytes).with_context(|| format!("reading {name}"))?;
+    anyhow::ensure!(bytes.len() as u64 == len, "{name}: changed while being read");
+    Ok(bytes)
+}
+
 /// Reads every tensor of a safetensors file as float32 (integer labels are converted exactly).
 pub fn load(path: &Path) -> anyhow::Result<TensorFile> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let bytes = read_checked(path)?;
     let (_, meta) = SafeTensors::read_metadata(&bytes)
         .with_context(|| format!("{} is not a safetensors file", path.display()))?;
     let metadata = meta.metadata().clone().unwrap_or_default();
     let st = SafeTensors::deserialize(&bytes)
         .with_context(|| format!("{} is not a safetensors file", path.display()))?;
+    let checksums: Option<BTreeMap<String, u32>> = metadata
+        .get(CHECKSUM_KEY)
+        .map(|j| serde_json::from_str(j))
+        .transpose()
+        .with_context(|| format!("{}: unreadable {CHECKSUM_KEY}", path.display()))?;
     let mut tensors = BTreeMap::new();
     for (name, view) in st.iter() {
+        if let Some(sums) = &checksums {
+            let (want, got) = (sums.get(name), crc32c::crc32c(view.data()));
+            anyhow::ensure!(
+                want == Some(&got),
+                "{}: tensor '{name}' {}; the file is corrupt (copy it again or use another checkpoint)",
+                path.display(),
+                if want.is_some() { "does not match its checksum" } else { "has no checksum" }
+            );
+        }
         let data = to_f32(name, &view).with_context(|| format!("in {}", path.display()))?;
         tensors.insert(name.to_string(), Tensor::from_vec(view.shape().to_vec(), data)?);
     }
+    if let Some(sums) = &checksums
+        && let Some(missing) = sums.keys().find(|n| !tensors.contains_key(*n))
+    {
+        anyhow::bail!(
+            "{}: tensor '{missing}' has a checksum but is missing; the file is corrupt",
+            path.display()
+        );
+    }
     Ok(TensorFile { tensors, metadata })
 }
+
+/// The metadata key of the CRC-32C of each tensor's bytes, written by [`save`] and checked by
+/// [`load`] (files from elsewhere have none and load unchecked).
+pub const CHECKSUM_KEY: &str = "unet3d.crc32c";
 
 /// Writes `tensors` as float32 to `path` through a temporary file and a rename, so an interrupted
 /// write never leaves a truncated file under the final name.
@@ -63,7 +116,11 @@ pub fn save(
         .zip(&bytes)
         .map(|((name, t), b)| Ok((name.to_string(), TensorView::new(Dtype::F32, t.dims().to_vec(), b)?)))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let data = safetensors::serialize(views, metadata)?;
+    let sums: BTreeMap<&str, u32> =
+        tensors.iter().zip(&bytes).map(|((name, _), b)| (*name, crc32c::crc32c(b))).collect();
+    let mut metadata = metadata.unwrap_or_default();
+    metadata.insert(CHECKSUM_KEY.to_string(), serde_json::to_string(&sums)?);
+    let data = safetensors::serialize(views, Some(metadata))?;
     crate::tensor::io::write_atomic(path, &data)
 }
 
@@ -107,6 +164,48 @@ mod tests {
         assert_eq!(f.metadata["epoch"], "3");
         let e = f.get("missing").unwrap_err().to_string();
         assert!(e.contains("missing"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn corrupt_files_and_non_files_are_refused_before_they_load() {
+        let dir = std::env::temp_dir().join(format!("unet3d-io-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.safetensors");
+        let a = Tensor::from_vec([4], vec![1.0, 2.0, 3.0, 4.0]).unwrap();
+        save(&path, &[("weight", &a)], None).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        let err = |bytes: &[u8]| {
+            let p = dir.join("bad.safetensors");
+            std::fs::write(&p, bytes).unwrap();
+            format!("{:#}", load(&p).err().expect("refused"))
+        };
+        // Every single bit flip in the tensor data is caught by the checksum.
+        for i in good.len() - 16..good.len() {
+            for bit in [0, 3, 7] {
+                let mut b = good.clone();
+                b[i] ^= 1 << bit;
+                let e = err(&b);
+                assert!(
+                    e.contains("bad.safetensors") && e.contains("'weight'") && e.contains("checksum"),
+                    "{e}"
+                );
+            }
+        }
+        // A header length beyond the file, and a file shorter than the length field.
+        let mut b = good.clone();
+        b[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(err(&b).contains("header claims"), "{}", err(&b));
+        assert!(err(&good[..5]).contains("shorter than a safetensors header"));
+        // Not a regular file: never read whole.
+        #[cfg(unix)]
+        {
+            let link = dir.join("zero.safetensors");
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+            let e = format!("{:#}", load(&link).err().unwrap());
+            assert!(e.contains("zero.safetensors") && e.contains("not a regular file"), "{e}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
