@@ -337,7 +337,8 @@ fn infer_command_runs_from_a_config() {
     Cli::try_parse_from(args(&["--block-mb", "0"])).unwrap().run().unwrap();
     assert!(done(18));
     assert!(!out.join("predictions.zarr/normals").exists());
-    let e = format!("{:#}", Cli::try_parse_from(args(&["--random-weights", "3"])).unwrap().run().unwrap_err());
+    let e =
+        format!("{:#}", Cli::try_parse_from(args(&["--random-weights", "3"])).unwrap().run().unwrap_err());
     assert!(e.contains("--random-weights with --checkpoint"), "{e}");
     let cache = ChunkCache::new(1 << 20);
     let got = ZarrArray::open(&out.join("predictions.zarr/sheet"), 1, &cache).unwrap();

@@ -18,7 +18,7 @@ mod tree;
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 pub use args::ConfigArgs;
 pub use dataset::{Activation, DatasetConfig, Normalization, Sampling, TargetConfig, VolumePaths};
@@ -70,7 +70,16 @@ impl Config {
         }
         let ctx = Ctx::default();
         let config = read(&ctx, &root)?;
-        let (warnings, keys_read) = ctx.into_parts();
+        let (warnings, keys_read, unknown) = ctx.into_parts();
+        // A YAML file may carry keys unet3d ignores (seed configs do); a --set is typed for this
+        // run, so one that nothing reads is a typo that must not train on the defaults.
+        for set in sets {
+            let key = set.split_once('=').map_or(set.as_str(), |(k, _)| k).trim();
+            let under = |a: &str, b: &str| a == b || a.strip_prefix(b).is_some_and(|r| r.starts_with('.'));
+            if let Some((_, msg)) = unknown.iter().find(|(path, _)| under(path, key) || under(key, path)) {
+                bail!("--set {set}: {msg}; nothing reads it");
+            }
+        }
         Ok(Parsed { config, warnings, keys_read })
     }
 

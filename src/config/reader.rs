@@ -14,6 +14,8 @@ use super::tree::Node;
 pub(crate) struct Ctx {
     warnings: RefCell<Vec<String>>,
     keys_read: RefCell<BTreeSet<String>>,
+    /// The paths of the keys nothing knows, with their warning.
+    unknown: RefCell<Vec<(String, String)>>,
 }
 
 impl Ctx {
@@ -21,8 +23,8 @@ impl Ctx {
         self.warnings.borrow_mut().push(msg);
     }
 
-    pub(crate) fn into_parts(self) -> (Vec<String>, BTreeSet<String>) {
-        (self.warnings.into_inner(), self.keys_read.into_inner())
+    pub(crate) fn into_parts(self) -> (Vec<String>, BTreeSet<String>, Vec<(String, String)>) {
+        (self.warnings.into_inner(), self.keys_read.into_inner(), self.unknown.into_inner())
     }
 }
 
@@ -160,10 +162,14 @@ impl<'a> Section<'a> {
             let path = self.key_path(key);
             let msg = match ignored.iter().find(|(k, _)| k == key) {
                 Some((_, why)) => format!("{path}: ignored ({why})"),
-                None => match nearest(key, &self.known) {
-                    Some(k) => format!("{path}: unknown key (did you mean {k}?)"),
-                    None => format!("{path}: unknown key"),
-                },
+                None => {
+                    let msg = match nearest(key, &self.known) {
+                        Some(k) => format!("{path}: unknown key (did you mean {k}?)"),
+                        None => format!("{path}: unknown key"),
+                    };
+                    self.ctx.unknown.borrow_mut().push((path, msg.clone()));
+                    msg
+                }
             };
             self.ctx.warn(msg);
         }
