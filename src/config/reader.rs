@@ -357,7 +357,7 @@ mod tests {
         let err = s.get("a", 0.0, &number_in(5.0, 6.0)).unwrap_err().to_string();
         assert_eq!(err, "tr.a = 3: expected a number from 5 to 6");
         s.finish(&[("old", "the seed ignores it too")]);
-        let (warnings, keys) = ctx.into_parts();
+        let (warnings, keys, _) = ctx.into_parts();
         assert_eq!(
             warnings,
             [
