@@ -194,11 +194,17 @@ fn cache_decodes_each_chunk_once_and_a_bounded_cache_evicts() {
     assert_eq!(a.read([0, 0, 0], [8, 4, 4]).unwrap(), box4);
     let s = small.stats();
     assert_eq!((s.hits, s.misses, s.bytes), (0, 6, 512));
-    // The recently used (1,0,1) is a hit.
-    a.read([4, 0, 4], [1, 1, 1]).unwrap();
-    assert_eq!(small.stats().hits, 0, "(1,0,1) was evicted by the last read of two chunks");
-    a.read([4, 0, 0], [1, 1, 1]).unwrap();
+    // One chunk at a time (a read decodes its chunks in parallel, so their order is not fixed):
+    // a cached chunk is a hit and becomes the most recently used, so the next miss evicts the
+    // other one.
+    a.read([4, 0, 0], [1, 1, 1]).unwrap(); // (1,0,0), cached
     assert_eq!(small.stats().hits, 1);
+    a.read([4, 0, 4], [1, 1, 1]).unwrap(); // (1,0,1) was evicted: a miss that evicts (0,0,0)
+    assert_eq!((small.stats().hits, small.stats().misses), (1, 7));
+    a.read([4, 0, 0], [1, 1, 1]).unwrap();
+    assert_eq!(small.stats().hits, 2, "(1,0,0) was used last and stayed");
+    a.read([0, 0, 0], [1, 1, 1]).unwrap();
+    assert_eq!((small.stats().hits, small.stats().misses), (2, 8), "(0,0,0) was the one evicted");
 }
 
 #[test]
@@ -400,4 +406,49 @@ fn metadata_sizes_that_cannot_be_allocated_are_errors() {
         let e = format!("{:#}", ZarrArray::open(&a, 1, &cache()).err().expect("refused"));
         assert!(e.contains(&a.display().to_string()) && e.contains(want), "{name}: {e}");
     }
+}
+
+/// Every chunk unet3d writes is stored (all-zero ones too), so a chunk missing from an input is
+/// an incomplete copy: an error naming it, unless allow_missing_chunks; targets may be sparse.
+#[test]
+fn a_missing_input_chunk_is_an_error_unless_allowed() {
+    let dir = scratch_dir("missing-chunk");
+    let spec = ArraySpec {
+        shape: [8, 4, 4],
+        channels: 1,
+        chunks: [4, 4, 4],
+        dtype: DType::U8,
+        attributes: Default::default(),
+    };
+    for name in ["v.zarr/input", "v.zarr/sheet"] {
+        // All zeros: zarrs would skip every chunk by default.
+        ZarrWriter::create(&dir.join(name), &spec, false)
+            .unwrap()
+            .write_region([0; 3], [8, 4, 4], &[0.0; 128])
+            .unwrap();
+        assert!(dir.join(name).join("c/1/0/0").is_file(), "{name}: the all-zero chunk is stored");
+    }
+    write(&dir.join("v.zarr/normals"), [8, 4, 4], 3, DType::F32);
+    for name in ["v.zarr/input", "v.zarr/sheet"] {
+        std::fs::remove_file(dir.join(name).join("c/1/0/0")).unwrap();
+    }
+    let volumes = [["v.zarr/input", "v.zarr/sheet", "v.zarr/normals"]];
+    let ds = Dataset::open(&config(&dir, 1, &volumes), cache()).unwrap();
+    let v = &ds.volumes[0];
+    let e = format!("{:#}", v.input.read([0; 3], [8, 4, 4]).unwrap_err());
+    assert!(
+        e.contains("v.zarr/input")
+            && e.contains("chunk [1, 0, 0] is missing")
+            && e.contains("allow_missing_chunks"),
+        "{e}"
+    );
+    assert_eq!(
+        v.targets[0].read([0; 3], [8, 4, 4]).unwrap(),
+        vec![0.0; 128],
+        "a sparse target reads as fill"
+    );
+    let mut allowed = config(&dir, 1, &volumes);
+    allowed.allow_missing_chunks = true;
+    let ds = Dataset::open(&allowed, cache()).unwrap();
+    assert_eq!(ds.volumes[0].input.read([0; 3], [8, 4, 4]).unwrap(), vec![0.0; 128]);
 }

@@ -201,6 +201,7 @@ impl InferArgs {
         let cache = ChunkCache::new(flags.cache_mb << 20);
         let input = ZarrArray::open(Path::new(input_path), dc.in_channels, &cache)
             .with_context(|| format!("inference_config.input_path {input_path}"))?;
+        let input = if dc.allow_missing_chunks { input } else { input.refusing_missing_chunks() };
         let schemes = &dc.normalization;
         let stats = if Normalizer::needs_volume_stats(schemes) {
             // Every job needs the whole volume's statistics: reuse the first job's rather than

@@ -101,6 +101,9 @@ pub struct DatasetConfig {
     /// What a NaN or infinity in a volume does: refuse it (the default), read it as a value, or
     /// skip the patches that hold one.
     pub nan_policy: NanPolicy,
+    /// Whether a chunk missing from an input array reads as the fill value; otherwise it is an
+    /// error naming the chunk. Target arrays may always be sparse.
+    pub allow_missing_chunks: bool,
 }
 
 impl DatasetConfig {
@@ -177,6 +180,7 @@ pub(crate) fn read_dataset_config(mut s: Section<'_>) -> Result<DatasetConfig> {
         normalization,
         sampling,
         nan_policy,
+        allow_missing_chunks: s.get("allow_missing_chunks", false, &boolean)?,
     };
     s.finish(DATASET_IGNORED);
     Ok(config)

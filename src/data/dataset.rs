@@ -50,8 +50,11 @@ impl Dataset {
 
 fn open_volume(i: usize, v: &VolumePaths, config: &DatasetConfig, cache: &ChunkCache) -> Result<Volume> {
     let key = |k: &str| format!("volume {i}: dataset_config.volume_paths[{i}].{k}");
+    // Inputs are whole unless the config says they may not be; label arrays are often sparse.
     let open = |k: &str, path: &str, channels: usize| -> Result<Arc<dyn VolumeArray>> {
+        let whole = k == "input" && !config.allow_missing_chunks;
         match ZarrArray::open(Path::new(path), channels, cache) {
+            Ok(a) if whole => Ok(Arc::new(a.refusing_missing_chunks())),
             Ok(a) => Ok(Arc::new(a)),
             Err(e) => Err(anyhow!("{} = {path:?}: {e:#}", key(k))),
         }

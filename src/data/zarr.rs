@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail, ensure};
 use rayon::prelude::*;
+use zarrs::array::CodecOptions;
 use zarrs::array::codec::ZstdCodec;
 use zarrs::array::data_type::{self, Float32DataType, Int16DataType, UInt8DataType, UInt16DataType};
 use zarrs::array::{Array, ArrayBuilder, ArrayMetadataOptions, ArraySubset, ElementOwned};
@@ -272,6 +273,9 @@ pub struct ZarrArray {
     /// Spatial (D, H, W) shape of the first chunk.
     chunk_shape: [usize; 3],
     cache: ChunkCache,
+    /// Whether a chunk absent from the store reads as the fill value (sparse label arrays) or is
+    /// an error (an input copied or written only in part).
+    missing_chunks_read_as_fill: bool,
 }
 
 impl ZarrArray {
@@ -313,7 +317,13 @@ impl ZarrArray {
             dtype,
             axis,
             cache: cache.clone(),
+            missing_chunks_read_as_fill: true,
         })
+    }
+
+    /// Makes a chunk absent from the store an error naming it, instead of the fill value.
+    pub fn refusing_missing_chunks(self) -> ZarrArray {
+        ZarrArray { missing_chunks_read_as_fill: false, ..self }
     }
 
     /// The spatial (D, H, W) shape of the first chunk.
@@ -331,10 +341,20 @@ impl ZarrArray {
             return Ok(c);
         }
         let chunk = with_elem!(self.dtype, T => {
-            let values: Vec<T> = self
-                .array
-                .retrieve_chunk(&key.1)
-                .with_context(|| format!("{}: cannot decode chunk {:?}", self.name, key.1))?;
+            let decode = || format!("{}: cannot decode chunk {:?}", self.name, key.1);
+            let values: Vec<T> = if self.missing_chunks_read_as_fill {
+                self.array.retrieve_chunk(&key.1).with_context(decode)?
+            } else {
+                match self.array.retrieve_chunk_if_exists(&key.1).with_context(decode)? {
+                    Some(v) => v,
+                    None => bail!(
+                        "{}: chunk {:?} is missing from the store (copied or written only in part?); set \
+                         dataset_config.allow_missing_chunks: true to read missing chunks as the fill value",
+                        self.name,
+                        key.1
+                    ),
+                }
+            };
             T::chunk(values)
         });
         let chunk = Arc::new(chunk);
@@ -640,7 +660,10 @@ impl ZarrWriter {
         let subset = ArraySubset::new_with_ranges(&ranges);
         with_elem!(self.spec.dtype, T => {
             let values: Vec<T> = data.iter().map(|&v| T::from_f32(v)).collect();
-            self.array.store_array_subset(&subset, values)
+            // Every chunk is stored, the all-fill ones too: a chunk missing from an array
+            // unet3d wrote then means an incomplete copy, which readers of inputs refuse.
+            let options = CodecOptions::default().with_store_empty_chunks(true);
+            self.array.store_array_subset_opt(&subset, values, &options)
         })
         .with_context(|| format!("{name}: cannot write region at {start:?} of size {size:?}"))
     }
