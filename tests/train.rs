@@ -630,3 +630,36 @@ fn non_finite_steps_are_skipped_and_counted_and_too_many_stop_the_run_naming_the
     assert!(e.contains("2 of this epoch's 4 optimizer steps") && e.contains("max_skipped_fraction"), "{e}");
     assert!(e.contains("batch 1: case-b at [3, 4, 5], case-a at [0, 0, 0]") && e.contains("batch 3:"), "{e}");
 }
+
+#[test]
+fn a_resume_reports_every_changed_setting_and_refuses_another_architecture() {
+    let dir = scratch_dir("resume-changes");
+    let y = yaml(&dir, "max_epoch: 2, max_steps_per_epoch: 1, max_val_steps_per_epoch: 0, initial_lr: 0.01");
+    let mut t = trainer(&y, &[]).unwrap();
+    let mut data = Balls::new(t.architecture(), 2, 0);
+    t.run(&mut data, Some(1)).unwrap();
+    drop(t);
+    let ck = dir.join("ck").join(CheckpointName { run: 1, kind: Kind::Epoch(1) }.file_name("tiny"));
+    let resume = format!("tr_setup.checkpoint_path={}", ck.display());
+    let same = trainer(&y, &[&resume]).unwrap();
+    assert!(same.resume_changes().is_empty(), "{:?}", same.resume_changes());
+    let changed = trainer(
+        &y,
+        &[&resume, "tr_config.initial_lr=0.002", "tr_config.batch_size=3", "tr_config.max_epoch=5"],
+    )
+    .unwrap();
+    assert_eq!(
+        changed.resume_changes(),
+        [
+            "tr_config.batch_size: 2 vs 3",
+            "tr_config.initial_lr: 0.01 vs 0.002",
+            "tr_config.max_epoch: 2 vs 5"
+        ]
+    );
+    // The same parameter shapes, another network: refused, with what differs.
+    let e = format!("{:#}", trainer(&y, &[&resume, "model_config.nonlin=ReLU"]).err().unwrap());
+    assert!(
+        e.contains("another architecture") && e.contains("nonlin") && e.contains("load_weights_only"),
+        "{e}"
+    );
+}

@@ -83,6 +83,16 @@ impl Config {
         Ok(Parsed { config, warnings, keys_read })
     }
 
+    /// The YAML with the `--set` overrides applied, as JSON: the settings a run was written
+    /// with (defaults left out), for comparing two runs.
+    pub fn settings(yaml: &str, sets: &[String]) -> Result<serde_json::Value> {
+        let mut root = tree::parse_yaml(yaml)?;
+        for set in sets {
+            tree::apply_set(&mut root, set)?;
+        }
+        Ok(root.to_json())
+    }
+
     /// Reads and parses the file at `path`; errors name it.
     pub fn load(path: &Path, sets: &[String]) -> Result<Parsed> {
         let text = std::fs::read_to_string(path)
@@ -118,4 +128,25 @@ fn read(ctx: &Ctx, root: &tree::Node) -> Result<Config> {
     let patch = config.inference_config.patch_size;
     arch.check_patch(patch).with_context(|| format!("inference_config.patch_size = {patch:?}"))?;
     Ok(config)
+}
+
+/// `key: a vs b` for every leaf where two records (settings, run records) differ, in key order.
+pub fn differences(a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
+    fn walk(a: &serde_json::Value, b: &serde_json::Value, path: &str, out: &mut Vec<String>) {
+        use serde_json::Value;
+        match (a, b) {
+            (Value::Object(x), Value::Object(y)) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    let (va, vb) = (x.get(k).unwrap_or(&Value::Null), y.get(k).unwrap_or(&Value::Null));
+                    walk(va, vb, &if path.is_empty() { k.clone() } else { format!("{path}.{k}") }, out);
+                }
+            }
+            _ if a != b => out.push(format!("{path}: {a} vs {b}")),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(a, b, "", &mut out);
+    out
 }

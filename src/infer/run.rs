@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 
 use super::blend::{OutputTarget, SlidingWindow, finish};
 use super::shard::{Blocks, Shard};
-use crate::config::OutputType;
+use crate::config::{self, OutputType};
 use crate::data::DType;
 use crate::data::finite::NonFinite;
 use crate::data::zarr::{self, ArraySpec, ZarrWriter};
@@ -204,21 +204,6 @@ fn progress_bar(opts: &RunOptions, tiles: usize, blocks: usize) -> ProgressBar {
     bar
 }
 
-/// `key: a vs b` for every leaf where two records differ.
-fn differences(a: &Value, b: &Value, path: &str, out: &mut Vec<String>) {
-    match (a, b) {
-        (Value::Object(x), Value::Object(y)) => {
-            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
-            for k in keys {
-                let (va, vb) = (x.get(k).unwrap_or(&Value::Null), y.get(k).unwrap_or(&Value::Null));
-                differences(va, vb, &if path.is_empty() { k.clone() } else { format!("{path}.{k}") }, out);
-            }
-        }
-        _ if a != b => out.push(format!("{path}: {a} vs {b}")),
-        _ => {}
-    }
-}
-
 /// Where no terminal shows the bar (a batch job's log), one line per finished block.
 /// With the block's device counters on a kernel device.
 fn log_block(bar: &ProgressBar, n: usize, of: usize, block: usize, device: Option<DeviceCounters>) {
@@ -321,8 +306,7 @@ fn open_store(
     if !claim(&layout.record(), &record)? {
         let (existing, _) = read_record(layout)?;
         if &existing != settings {
-            let mut diffs = Vec::new();
-            differences(&existing, settings, "", &mut diffs);
+            let diffs = config::differences(&existing, settings);
             bail!(
                 "{}: holds a prediction made with other settings; refusing to mix them (pass \
                  --overwrite to replace it, or choose another output_path). Differences (existing vs \

@@ -92,12 +92,53 @@ pub struct Trainer {
     state: TrainingState,
     /// Whether the run continues a checkpoint's training state.
     resumed: bool,
+    /// The settings a resume changed, as `key: then vs now`.
+    resume_changes: Vec<String>,
     /// Lets a fresh run replace the checkpoints of an earlier run of the same model name.
     pub overwrite: bool,
     /// The checkpoint folder, held from [`Trainer::claim_outputs`] to the end of [`Trainer::run`].
     folder: Option<RunFolder>,
     /// Draws progress bars (on a terminal).
     pub progress: bool,
+}
+
+/// What a resume changes against the run that wrote checkpoint `path`: every setting written
+/// differently in the YAML and `--set`s (the checkpoint path itself aside), and an error when the
+/// architecture differs, since continuing one network's optimizer state in another is not a
+/// resume (the weights may still fit: a nonlinearity, deep supervision).
+fn changed_settings(
+    path: &std::path::Path,
+    state: &TrainingState,
+    now: &ConfigSource,
+    arch: &Architecture,
+) -> Result<Vec<String>> {
+    let then = match Config::settings(&state.config_yaml, &state.config_sets) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!(
+                "warning: checkpoint {}: its config cannot be read ({e:#}); changed settings are not \
+                 reported",
+                path.display()
+            );
+            return Ok(Vec::new());
+        }
+    };
+    let mut changes = crate::config::differences(&then, &Config::settings(&now.yaml, &now.sets)?);
+    changes.retain(|c| !c.starts_with("tr_setup.checkpoint_path:"));
+    let old_arch =
+        Config::parse(&state.config_yaml, &state.config_sets).and_then(|p| p.config.architecture());
+    if let Ok(old) = old_arch
+        && old != *arch
+    {
+        let diff = crate::config::differences(&serde_json::to_value(&old)?, &serde_json::to_value(arch)?);
+        bail!(
+            "checkpoint {}: trained with another architecture, which a resume cannot change (fine-tune \
+             with tr_setup.load_weights_only: true instead); then vs now:\n  {}",
+            path.display(),
+            diff.join("\n  ")
+        );
+    }
+    Ok(changes)
 }
 
 fn make_optimizer(config: &OptimizerConfig) -> Result<Box<dyn Optimizer>> {
@@ -139,6 +180,7 @@ impl Trainer {
             config_sets: source.sets.clone(),
             ct_stats: None,
         };
+        let mut resume_changes = Vec::new();
         let (mut store, state, resumed, moments) = match &setup.checkpoint_path {
             None => (init::initialize(&arch, setup.seed)?, fresh, false, None),
             Some(p) if setup.load_weights_only => {
@@ -163,6 +205,13 @@ impl Trainer {
                     ck.state.epochs_done,
                     ck.state.global_step
                 );
+                resume_changes = changed_settings(p, &ck.state, &source, &arch)?;
+                if !resume_changes.is_empty() {
+                    println!(
+                        "settings changed since the checkpoint (then vs now):\n  {}",
+                        resume_changes.join("\n  ")
+                    );
+                }
                 let state =
                     TrainingState { seed: setup.seed, model_name: setup.model_name.clone(), ..ck.state };
                 (ck.store, state, true, Some((p.clone(), ck.optimizer)))
@@ -187,6 +236,7 @@ impl Trainer {
             clip: GradNorm::default(),
             state,
             resumed,
+            resume_changes,
             overwrite: false,
             folder: None,
             progress: true,
@@ -204,6 +254,11 @@ impl Trainer {
 
     pub fn state(&self) -> &TrainingState {
         &self.state
+    }
+
+    /// The settings this resumed run changed against the run that wrote its checkpoint.
+    pub fn resume_changes(&self) -> &[String] {
+        &self.resume_changes
     }
 
     pub fn optimizer(&self) -> &dyn Optimizer {
