@@ -96,6 +96,13 @@ fn one_case_keeps_voxels_dtype_and_spacing() {
     let over = ConvertOptions { overwrite: true, ..opts.clone() };
     convert_pair(std::slice::from_ref(&image), None, &out, &over).unwrap();
     assert!(out.join("input").exists() && !out.join("label").exists());
+    // --overwrite never removes a folder convert did not write.
+    let mine = dir.join("mine.zarr");
+    std::fs::create_dir_all(&mine).unwrap();
+    std::fs::write(mine.join("notes.txt"), b"keep").unwrap();
+    let err = format!("{:#}", convert_pair(std::slice::from_ref(&image), None, &mine, &over).unwrap_err());
+    assert!(err.contains("mine.zarr") && err.contains("refusing to remove"), "{err}");
+    assert_eq!(std::fs::read(mine.join("notes.txt")).unwrap(), b"keep");
 
     // A label that is not a class index map: the float image of case 003.
     let float_image = fixtures().join("imagesTr/hippocampus_003.nii.gz");

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use super::DType;
 use super::finite::NonFinite;
 use super::nifti::{self, NiftiHeader, NiftiImage};
-use super::zarr::{ArraySpec, ZarrWriter};
+use super::zarr::{ArraySpec, ZarrWriter, has_array_metadata};
 
 #[derive(Debug, Clone)]
 pub struct ConvertOptions {
@@ -273,6 +273,12 @@ pub fn convert_case(
         ZarrWriter::create(&tmp.join("label"), &spec, false)?.write_region([0; 3], h.shape, &values)?;
     }
     if out.exists() {
+        // Only what convert wrote: a case folder holding an input array.
+        ensure!(
+            has_array_metadata(&out.join("input")),
+            "{}: not a case unet3d convert wrote (no input array); refusing to remove it",
+            out.display()
+        );
         std::fs::remove_dir_all(out)
             .with_context(|| format!("{}: cannot remove to replace it", out.display()))?;
     }
