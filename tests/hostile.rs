@@ -17,6 +17,12 @@ use unet3d::model::{init, weights};
 
 const CANARY: &[u8] = b"canary: must survive every case\n";
 
+/// What a case's message must name.
+type Names = &'static [&'static str];
+
+/// A file's bytes made from a valid one's (None: no file at all).
+type Corrupt<'a> = &'a dyn Fn(&[u8]) -> Option<Vec<u8>>;
+
 /// One malformed input: the command to run in its folder and what its message must contain.
 struct Case {
     name: String,
@@ -333,7 +339,7 @@ fn nifti_cases(root: &Path) -> Vec<Case> {
     let f32b = |v: f32| v.to_le_bytes().to_vec();
     let i16b = |v: i16| v.to_le_bytes().to_vec();
     let offset = f32::from_le_bytes(float[108..112].try_into().unwrap()) as usize;
-    let images: Vec<(&str, Vec<u8>, &[&str])> = vec![
+    let images: Vec<(&str, Vec<u8>, Names)> = vec![
         ("nifti-text", b"this is not an image".to_vec(), &["shorter than the 348-byte header"]),
         ("nifti-short-header", image[..200].to_vec(), &["348-byte header"]),
         ("nifti-sizeof-hdr", with(&image, &[(0, 123i32.to_le_bytes().to_vec())]), &["sizeof_hdr"]),
@@ -378,7 +384,7 @@ fn nifti_cases(root: &Path) -> Vec<Case> {
         &["image.nii.gz"],
     ));
     // (image, label): a float label holds values that are no class index.
-    let labels: Vec<(&str, &[u8], Vec<u8>, &[&str])> = vec![
+    let labels: Vec<(&str, &[u8], Vec<u8>, Names)> = vec![
         ("label-not-classes", &float, float.clone(), &["label.nii", "not a class index"]),
         ("label-shape", &image, with(&label, &[(42, i16b(3))]), &["label.nii", "shape"]),
         ("label-spacing", &image, with(&label, &[(80, f32b(7.0))]), &["label.nii", "spacing"]),
@@ -412,7 +418,7 @@ fn checkpoint_cases(root: &Path) -> Vec<Case> {
         a.extend(strings(extra));
         a
     };
-    let files: Vec<(&str, &dyn Fn(&[u8]) -> Option<Vec<u8>>, &[&str])> = vec![
+    let files: Vec<(&str, Corrupt, Names)> = vec![
         ("ckpt-empty", &|_| Some(Vec::new()), &["shorter than a safetensors header"]),
         ("ckpt-text", &|_| Some(b"not a checkpoint at all, just text".to_vec()), &["safetensors"]),
         ("ckpt-truncated", &|g| Some(g[..g.len() / 2].to_vec()), &["ckpt.safetensors"]),
