@@ -29,6 +29,10 @@ use crate::data::zarr::{self, ArraySpec, ZarrWriter};
 use crate::device::launch::{DeviceCounters, Gpu};
 use crate::tensor::io::write_atomic;
 
+/// From this many blocks on, a job says that it reads the block markers before it starts (one
+/// listing of a folder that large takes seconds on a parallel filesystem).
+const LISTING_NOTE_BLOCKS: usize = 100_000;
+
 /// What is predicted and written.
 pub struct Job<'a> {
     pub window: SlidingWindow<'a>,
@@ -134,6 +138,14 @@ pub fn run(job: &Job<'_>, opts: &RunOptions) -> Result<Summary> {
     let blocks = read_record(&layout)?.1;
 
     let mine = opts.shard.blocks(blocks.len());
+    if opts.show_progress && blocks.len() >= LISTING_NOTE_BLOCKS {
+        eprintln!(
+            "infer: {} blocks in all, {} for shard {}; reading the finished-block markers",
+            blocks.len(),
+            mine.len(),
+            opts.shard
+        );
+    }
     let finished = layout.finished_blocks()?;
     let pending: Vec<usize> = mine.clone().filter(|b| !finished.contains(b)).collect();
     let skipped = mine.len() - pending.len();
@@ -376,6 +388,27 @@ mod tests {
         let v: Vec<f32> = (0..2 * 3 * 4 * 2).map(|x| x as f32).collect();
         let b = sub_box(&v, [2, 3, 4], 2, [1, 1, 2], [1, 2, 2]);
         assert_eq!(b, vec![36.0, 37.0, 38.0, 39.0, 44.0, 45.0, 46.0, 47.0]);
+    }
+
+    #[test]
+    fn finished_blocks_are_read_from_their_markers_alone() {
+        let dir = std::env::temp_dir().join(format!("unet3d-markers-{}", std::process::id()));
+        let layout = Layout::new(&dir);
+        std::fs::create_dir_all(&layout.progress).unwrap();
+        for name in [
+            "block-0.done",
+            "block-17.done",
+            ".block-3.done.tmp42",
+            "block-x.done",
+            "block-5.doneX",
+            "run.json",
+        ] {
+            std::fs::write(layout.progress.join(name), b"").unwrap();
+        }
+        let mut done: Vec<usize> = layout.finished_blocks().unwrap().into_iter().collect();
+        done.sort();
+        assert_eq!(done, [0, 17]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
