@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::scratch_dir;
+use common::{files_under, scratch_dir};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -102,20 +102,7 @@ fn infer_targets(
 
 /// Every file of the store (arrays and their chunks) by relative path.
 fn store_files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
-        for e in std::fs::read_dir(dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                walk(root, &p, out);
-            } else {
-                out.insert(p.strip_prefix(root).unwrap().to_path_buf(), std::fs::read(&p).unwrap());
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    let root = dir.join("predictions.zarr");
-    walk(&root, &root, &mut out);
-    out
+    files_under(&dir.join("predictions.zarr"))
 }
 
 #[test]

@@ -4,9 +4,9 @@
 
 mod common;
 
-use common::scratch_dir;
+use common::{files_under, scratch_dir};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -131,24 +131,6 @@ fn training_killed_at_any_point_resumes_to_the_uninterrupted_weights() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Every file of a prediction store by relative path.
-fn store(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
-        for e in std::fs::read_dir(dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                walk(root, &p, out);
-            } else {
-                out.insert(p.strip_prefix(root).unwrap().to_path_buf(), std::fs::read(&p).unwrap());
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    let root = dir.join("predictions.zarr");
-    walk(&root, &root, &mut out);
-    out
-}
-
 #[test]
 fn an_inference_job_killed_at_any_point_reruns_to_the_same_bytes() {
     let dir = scratch_dir("kill-infer");
@@ -169,7 +151,7 @@ fn an_inference_job_killed_at_any_point_reruns_to_the_same_bytes() {
     };
     let whole = dir.join("whole");
     finish(infer(&whole, "1/1"));
-    let want = store(&whole);
+    let want = files_under(&whole.join("predictions.zarr"));
     assert!(want.len() > 8, "{} files", want.len());
     let markers = |out: &Path| {
         std::fs::read_dir(out.join(".progress"))
@@ -186,7 +168,10 @@ fn an_inference_job_killed_at_any_point_reruns_to_the_same_bytes() {
         finish(infer(&out, "2/2"));
         finish(infer(&out, "1/2"));
         finish(infer(&out, "1/2"));
-        assert!(store(&out) == want, "{name}: the store differs from one uninterrupted job");
+        assert!(
+            files_under(&out.join("predictions.zarr")) == want,
+            "{name}: the store differs from one uninterrupted job"
+        );
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }

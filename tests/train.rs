@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_close, scratch_dir};
+use common::{assert_close, files_under, scratch_dir};
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
@@ -202,21 +202,6 @@ fn resume_continues_exactly() {
     assert_eq!(second.state().ema_dice, straight.state().ema_dice);
 }
 
-/// Every file in `dir` (recursively) with its bytes.
-fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(snapshot(&p));
-        } else {
-            out.push((p.clone(), std::fs::read(&p).unwrap()));
-        }
-    }
-    out.sort();
-    out
-}
-
 #[test]
 fn a_resume_from_an_older_checkpoint_keeps_every_file_of_both_runs() {
     let dir = scratch_dir("resume-older");
@@ -227,7 +212,7 @@ fn a_resume_from_an_older_checkpoint_keeps_every_file_of_both_runs() {
     let run1 = first.run(&mut data, None).unwrap();
     drop(first);
     let ck = dir.join("ck");
-    let before = snapshot(&ck);
+    let before = files_under(&ck);
     assert_eq!(folder::epoch_checkpoints(&ck, "tiny", 1).unwrap().len(), 2);
 
     let source = ck.join(CheckpointName { run: 1, kind: Kind::Epoch(3) }.file_name("tiny"));
@@ -235,10 +220,9 @@ fn a_resume_from_an_older_checkpoint_keeps_every_file_of_both_runs() {
     let mut second = trainer(&y, &[kept, &resume, "tr_config.max_epoch=6"]).unwrap();
     let run2 = second.run(&mut data, None).unwrap();
     drop(second);
-    let after = snapshot(&ck);
+    let after = files_under(&ck);
     for (path, bytes) in &before {
-        let kept = after.iter().find(|(p, _)| p == path).map(|(_, b)| b);
-        assert_eq!(kept, Some(bytes), "{} of the first run changed or went", path.display());
+        assert_eq!(after.get(path), Some(bytes), "{} of the first run changed or went", path.display());
     }
     let run2_epochs: Vec<usize> =
         folder::epoch_checkpoints(&ck, "tiny", 2).unwrap().into_iter().map(|(e, _)| e).collect();

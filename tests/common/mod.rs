@@ -14,6 +14,24 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// Every file below `root` with its bytes, by path relative to `root`: a folder's whole state,
+/// to compare two runs' outputs byte for byte.
+pub fn files_under(root: &std::path::Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    fn walk(root: &std::path::Path, dir: &std::path::Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.insert(p.strip_prefix(root).unwrap().to_path_buf(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
 /// Path of a file under tests/fixtures.
 pub fn fixture_path(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
