@@ -129,7 +129,6 @@ fn config_cases(root: &Path) -> Vec<Case> {
         ("lr-negative", "tr_config.initial_lr=-1", "tr_config.initial_lr"),
         ("nan-policy", "dataset_config.nan_policy=sometimes", "dataset_config.nan_policy"),
         ("nan-value", "dataset_config.nan_value=abc", "dataset_config.nan_value"),
-        ("skip-patch-search", "dataset_config.nan_policy=skip_patch", "dataset_config.nan_policy"),
         ("overlap", "inference_config.overlap=1.5", "inference_config.overlap"),
         ("output-type", "inference_config.output_type=uint9", "inference_config.output_type"),
         ("channels-zero", "dataset_config.targets.seg.channels=0", "dataset_config.targets.seg.channels"),

@@ -369,10 +369,10 @@ fn a_loader_started_at_batch_k_continues_the_stream() {
     }
 }
 
-/// `volume`'s arrays with the input stored as float32 and NaN or infinity in the slab `bad`
-/// (z slices) of the input.
+/// `volume`'s arrays (sheet at z 2..18) with the input stored as float32 and NaN or infinity in
+/// the slab `bad` (z slices) of the input.
 fn with_non_finite(name: &str, shape: [usize; 3], bad: std::ops::Range<usize>) -> Volume {
-    let mut v = volume(name, shape, 2..6);
+    let mut v = volume(name, shape, 2..18);
     let mut input = v.input.read([0; 3], shape).unwrap();
     for (i, x) in input.iter_mut().enumerate() {
         if bad.contains(&(i / (shape[1] * shape[2]))) {
@@ -434,14 +434,16 @@ fn non_finite_inputs_are_refused_by_name_replaced_or_skipped_as_the_policy_says(
     let mut l = Loader::train(all_bad, &nan_config("skip_patch"), &[0], options(0, None)).unwrap();
     let e = format!("{:#}", l.next_batch().unwrap_err());
     assert!(e.contains("all-bad") && e.contains("skip_patch"), "{e}");
-    // skip_patch needs random sampling.
-    let e = format!(
-        "{:#}",
-        Config::parse("dataset_config: {nan_policy: skip_patch, targets: {a: {channels: 1}}}", &[])
-            .err()
-            .unwrap()
-    );
-    assert!(e.contains("dataset_config.nan_policy") && e.contains("sampling: random"), "{e}");
+    // skip_patch with the patch search's list: a patch holding NaN is replaced by another of the
+    // list (the NaN slab covers z 0..3, where some candidates start).
+    let ds = Arc::new(Dataset::from_volumes(vec![with_non_finite("nan-list", shape, 0..3)]));
+    let mut cfg = config("patch_search");
+    cfg.nan_policy = unet3d::data::finite::NanPolicy::SkipPatch;
+    let mut l = Loader::train(ds, &cfg, &[0], options(0, None)).unwrap();
+    for b in batches(&mut l, 20) {
+        assert!(b.input.data().iter().all(|x| x.is_finite()));
+        assert!(b.origins.iter().all(|(_, o)| o[0] >= 3), "{:?}", b.origins);
+    }
 }
 
 #[test]

@@ -157,11 +157,6 @@ pub(crate) fn read_dataset_config(mut s: Section<'_>) -> Result<DatasetConfig> {
     let nan_policy = match s.get("nan_policy", 0, &choice(NAN_POLICIES))? {
         0 => NanPolicy::Error,
         1 => NanPolicy::Replace(nan_value.unwrap_or(0.0) as f32),
-        _ if matches!(sampling, Sampling::PatchSearch) => bail!(
-            "{} = skip_patch needs dataset_config.sampling: random (a patch search's list of patches \
-             cannot draw another); use replace, or random sampling",
-            s.key_path("nan_policy")
-        ),
         _ => NanPolicy::SkipPatch,
     };
     if nan_value.is_some() && !matches!(nan_policy, NanPolicy::Replace(_)) {

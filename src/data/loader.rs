@@ -10,9 +10,9 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
+use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
 use super::array::{DType, VolumeArray};
@@ -313,8 +313,9 @@ impl Source {
         Ok((!tainted.get()).then_some(patch))
     }
 
-    /// Sample `j` of batch `index`, drawn again at a random position of its volume while
-    /// `nan_policy: skip_patch` skips it (each redraw seeded by the batch, sample and attempt).
+    /// Sample `j` of batch `index`, drawn again while `nan_policy: skip_patch` skips it (each
+    /// redraw seeded by the batch, sample and attempt): another patch of the patch search's list,
+    /// or a random position in the same volume.
     fn read_drawn(&self, mut s: Sample, index: u64, j: usize) -> Result<(Sample, Patch)> {
         let sm = &self.sampler;
         for attempt in 0..=MAX_REDRAWS {
@@ -322,7 +323,16 @@ impl Source {
                 return Ok((s, p));
             }
             let mut rng = batch_rng(sm.seed ^ 0x5eed_5c1f, mix(index) ^ mix(((j as u64) << 16) | attempt));
-            s.start = random_start(sm.shapes[s.volume], sm.source, sm.patch, None, &mut rng);
+            s = match &sm.plan {
+                Plan::Patches(patches) => {
+                    let p = patches[rng.random_range(0..patches.len())];
+                    Sample { volume: p.volume, start: sm.source_start(p.start) }
+                }
+                Plan::Random { .. } | Plan::Fixed(_) => Sample {
+                    volume: s.volume,
+                    start: random_start(sm.shapes[s.volume], sm.source, sm.patch, None, &mut rng),
+                },
+            };
         }
         bail!(
             "{MAX_REDRAWS} patches in a row hold NaN or infinity (dataset_config.nan_policy: \
