@@ -42,9 +42,10 @@ extern "C" __global__ void blend_divide(float* acc, const float* weights, int c,
   for (long long i = global_thread(); i < n; i += grid_threads()) acc[i] = acc[i] / weights[i / c];
 }
 
-/// y = x reversed along the flagged spatial axes of a channels-last (N, D, H, W, C) tensor.
+/// y = x reversed along the flagged spatial axes of a channels-last (N, D, H, W, C) tensor, with
+/// channel k negated where bit k of `negate` is set (a vector's components along flipped axes).
 extern "C" __global__ void blend_flip(const float* x, float* y, int d, int h, int w, int c, int fz, int fy, int fx,
-                                      long long n) {
+                                      unsigned int negate, long long n) {
   for (long long i = global_thread(); i < n; i += grid_threads()) {
     const int k = static_cast<int>(i % c);
     long long v = i / c;
@@ -55,6 +56,7 @@ extern "C" __global__ void blend_flip(const float* x, float* y, int d, int h, in
     const int iz = static_cast<int>(v % d);
     const long long s = v / d;
     const int sz = fz ? d - 1 - iz : iz, sy = fy ? h - 1 - iy : iy, sx = fx ? w - 1 - ix : ix;
-    y[i] = x[(((s * d + sz) * h + sy) * w + sx) * c + k];
+    const float value = x[(((s * d + sz) * h + sy) * w + sx) * c + k];
+    y[i] = k < 32 && ((negate >> k) & 1u) ? -value : value;
   }
 }

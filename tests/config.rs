@@ -235,7 +235,7 @@ fn missing_sections_and_keys_take_the_defaults() {
     assert_eq!(i.output_targets, ["ink"]);
     assert_eq!(i.output_type_for(ink), OutputType::Uint8);
     assert_eq!(i.activation("ink"), Some(Activation::None));
-    assert!(!i.mirroring);
+    assert!(i.mirroring, "test-time mirroring is on by default, as in nnU-Net");
 
     // Inference patch and batch follow training's.
     let c = parse(MINIMAL, &["tr_config.patch_size=64", "tr_config.batch_size=3"]).unwrap().config;

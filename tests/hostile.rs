@@ -488,11 +488,29 @@ fn checkpoint_cases(root: &Path) -> Vec<Case> {
         infer(&d, &config, &input, &d.s("ckpt.safetensors"), &[]),
         &["ckpt.safetensors", "NaN"],
     ));
-    let (d, config, input, _) = prepare("infer-shard-zero");
+    let (d, config, input, _) = prepare("infer-shard-out-of-range");
     cases.push(case(
-        "infer-shard-zero",
-        infer(&d, &config, &input, &d.s("good.safetensors"), &["--shard", "0/3"]),
-        &["--shard"],
+        "infer-shard-out-of-range",
+        infer(&d, &config, &input, &d.s("good.safetensors"), &["--shard", "3/3"]),
+        &["--shard", "0 <= i < n"],
+    ));
+    let (d, config, input, _) = prepare("infer-shard-auto-outside-slurm");
+    cases.push(case(
+        "infer-shard-auto-outside-slurm",
+        infer(&d, &config, &input, &d.s("good.safetensors"), &["--shard", "auto"]),
+        &["--shard auto", "SLURM_ARRAY_TASK_ID"],
+    ));
+    let (d, config, input, _) = prepare("infer-stop-after-unit");
+    cases.push(case(
+        "infer-stop-after-unit",
+        infer(&d, &config, &input, &d.s("good.safetensors"), &["--stop-after", "3h50"]),
+        &["--stop-after"],
+    ));
+    let (d, config, input, _) = prepare("infer-threads-zero");
+    cases.push(case(
+        "infer-threads-zero",
+        infer(&d, &config, &input, &d.s("good.safetensors"), &["--threads", "0"]),
+        &["--threads"],
     ));
     let (d, config, input, _) = prepare("infer-random-and-checkpoint");
     cases.push(case(
@@ -531,7 +549,13 @@ fn checkpoint_cases(root: &Path) -> Vec<Case> {
 
 /// Runs `c` and returns what is wrong with how it failed, if anything.
 fn check(exe: &str, root: &Path, c: &Case) -> Option<String> {
-    let out = Command::new(exe).args(&c.args).env("RUST_BACKTRACE", "1").output().unwrap();
+    let mut cmd = Command::new(exe);
+    cmd.args(&c.args).env("RUST_BACKTRACE", "1");
+    // Run inside a SLURM array or not, `--shard auto` must see no array.
+    for v in ["ID", "COUNT", "MIN", "MAX", "STEP"] {
+        cmd.env_remove(format!("SLURM_ARRAY_TASK_{v}"));
+    }
+    let out = cmd.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     let mut wrong = Vec::new();
     // 1: the command's error; 2: a usage error from the argument parser.

@@ -207,16 +207,73 @@ fn mirroring_averages_the_flipped_back_predictions() {
     let v = volume(shape);
     let norm = no_norm();
     // An identity model is flip-equivariant: mirroring changes nothing.
-    let mirrored = Mirroring(Identity);
+    let mirrored = Mirroring::new(Identity, &[0, 1, 2], vec![false]).unwrap();
     let w = SlidingWindow::new(&v, &norm, &mirrored, vec![1], [8, 8, 10], 0.5, 2).unwrap();
     let e = rel_err(&w.blend([0; 3], shape, &mut |_| {}).unwrap()[0], v.data());
     assert!(e < 1e-6, "mirrored identity: relative error {e:.2e}");
     // A model that outputs its window x position is not: half the passes flip x back, so the mean
     // is the window centre (w - 1) / 2 everywhere.
-    let mirrored = Mirroring(WindowX);
+    let mirrored = Mirroring::new(WindowX, &[0, 1, 2], vec![false]).unwrap();
     let batch = Tensor::zeros(vec![2, 8, 8, 10, 1]);
     let out = mirrored.predict(&batch).unwrap().remove(0);
     assert!(out.data().iter().all(|&x| x == 4.5), "{:?}", &out.data()[..10]);
+    // Mirrored over z and y only, x is never flipped: the x position passes through.
+    let out = Mirroring::new(WindowX, &[0, 1], vec![false]).unwrap().predict(&batch).unwrap().remove(0);
+    assert_eq!(&out.data()[..10], &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]);
+}
+
+/// Vectors (x, y, z) of the input's gradient: flip-equivariant once the components along the
+/// flipped axes are negated, so mirroring a vector output must give it back.
+struct Gradient;
+
+impl TilePredictor for Gradient {
+    fn in_channels(&self) -> usize {
+        1
+    }
+
+    fn predict(&self, batch: &Tensor) -> anyhow::Result<Vec<Tensor>> {
+        let [n, d, h, w, _] = batch.shape().ndhwc()?;
+        let x = batch.data();
+        let at = |s: usize, p: [usize; 3]| x[((s * d + p[0]) * h + p[1]) * w + p[2]];
+        let mut out = Vec::with_capacity(batch.numel() * 3);
+        for s in 0..n {
+            for z in 0..d {
+                for y in 0..h {
+                    for xx in 0..w {
+                        let p = [z, y, xx];
+                        // channel c: the central difference along axis 2 - c, clamped at borders
+                        for axis in [2, 1, 0] {
+                            let size = [d, h, w][axis];
+                            let (mut lo, mut hi) = (p, p);
+                            lo[axis] = p[axis].saturating_sub(1);
+                            hi[axis] = (p[axis] + 1).min(size - 1);
+                            out.push(at(s, hi) - at(s, lo));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(vec![Tensor::from_vec(vec![n, d, h, w, 3], out)?])
+    }
+
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+}
+
+#[test]
+fn mirroring_negates_the_flipped_components_of_vector_outputs() {
+    let v = volume([6, 7, 8]);
+    let batch = Tensor::from_vec(vec![1, 6, 7, 8, 1], v.data().to_vec()).unwrap();
+    let plain = Gradient.predict(&batch).unwrap().remove(0);
+    let mirrored =
+        Mirroring::new(Gradient, &[0, 1, 2], vec![true]).unwrap().predict(&batch).unwrap().remove(0);
+    let e = rel_err(mirrored.data(), plain.data());
+    assert!(e < 1e-6, "a vector output mirrored back: relative error {e:.2e}");
+    // Without the negation the components would average towards zero.
+    let scalar =
+        Mirroring::new(Gradient, &[0, 1, 2], vec![false]).unwrap().predict(&batch).unwrap().remove(0);
+    assert!(rel_err(scalar.data(), plain.data()) > 0.5);
 }
 
 fn tiny_config(patch: usize) -> Config {
@@ -320,6 +377,8 @@ fn whole_job(dir: &std::path::Path, block_bytes: usize) -> RunOptions {
         shard: Shard::WHOLE,
         overwrite: false,
         max_blocks: None,
+        deadline: None,
+        interrupt: None,
         block_bytes,
         show_progress: false,
     }
@@ -334,7 +393,9 @@ fn run_on(device: Device, v: &InMemoryArray, shape: [usize; 3]) -> (Vec<Vec<f32>
     store.to_device(device).unwrap();
     let network = Network::new(&arch, &store).unwrap();
     let names = ["sheet".to_string(), "normals".to_string()];
-    let predictor = Mirroring(NetworkPredictor::new(network, store, &names).unwrap());
+    let vectors = names.iter().map(|n| n == "normals").collect();
+    let predictor =
+        Mirroring::new(NetworkPredictor::new(network, store, &names).unwrap(), &[0, 1, 2], vectors).unwrap();
     assert_eq!(predictor.device(), device);
     let norm = no_norm();
     let window = SlidingWindow::new(v, &norm, &predictor, vec![2, 3], [8, 8, 8], 0.5, 3).unwrap();

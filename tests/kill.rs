@@ -1,6 +1,7 @@
 //! Killed with SIGKILL at several points and restarted, the real binary loses nothing: a training
 //! resumed from its newest checkpoint ends with the weights of an uninterrupted run, and an
-//! inference job rerun after a kill leaves a store byte-identical to one uninterrupted job.
+//! inference job rerun after a kill, or after the SIGTERM a scheduler sends, leaves a store
+//! byte-identical to one uninterrupted job.
 
 mod common;
 
@@ -150,7 +151,7 @@ fn an_inference_job_killed_at_any_point_reruns_to_the_same_bytes() {
         c.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
     };
     let whole = dir.join("whole");
-    finish(infer(&whole, "1/1"));
+    finish(infer(&whole, "0/1"));
     let want = files_under(&whole.join("predictions.zarr"));
     assert!(want.len() > 8, "{} files", want.len());
     let markers = |out: &Path| {
@@ -162,16 +163,38 @@ fn an_inference_job_killed_at_any_point_reruns_to_the_same_bytes() {
     };
     for (name, after) in [("at-start", 0), ("after-1-block", 1), ("after-3-blocks", 3)] {
         let out = dir.join(name);
-        kill_when(infer(&out, "1/2"), || markers(&out) >= after);
+        kill_when(infer(&out, "0/2"), || markers(&out) >= after);
         assert!(markers(&out) < 4, "{name}: the kill came after the job had finished");
         // The killed shard's rerun, the other shard, and the killed shard once more (a no-op).
-        finish(infer(&out, "2/2"));
         finish(infer(&out, "1/2"));
-        finish(infer(&out, "1/2"));
+        finish(infer(&out, "0/2"));
+        finish(infer(&out, "0/2"));
         assert!(
             files_under(&out.join("predictions.zarr")) == want,
             "{name}: the store differs from one uninterrupted job"
         );
     }
+    // The scheduler's SIGTERM: the block in flight is finished, the job exits 75 ("rerun to
+    // continue"), and the rerun completes the same bytes.
+    let out = dir.join("sigterm");
+    let child = infer(&out, "0/1");
+    let pid = child.id().to_string();
+    let start = Instant::now();
+    while markers(&out) < 1 {
+        assert!(start.elapsed() < Duration::from_secs(60), "no block finished");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let stopped = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&stopped.stderr);
+    assert_eq!(stopped.status.code(), Some(75), "{stderr}");
+    assert!(
+        stderr.contains("a termination signal") && stderr.contains("run the same command again"),
+        "{stderr}"
+    );
+    let done = markers(&out);
+    assert!((1..8).contains(&done), "{done} blocks finished before the stop");
+    finish(infer(&out, "0/1"));
+    assert!(files_under(&out.join("predictions.zarr")) == want, "the store after SIGTERM differs");
     std::fs::remove_dir_all(&dir).unwrap();
 }

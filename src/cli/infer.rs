@@ -2,18 +2,22 @@
 //! `<output_path>/predictions.zarr`, optionally as one of several HPC jobs (`--shard i/n`).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::json;
+use signal_hook::consts::{SIGTERM, SIGUSR1};
 
-use crate::config::{Config, ConfigArgs, InferenceConfig};
+use super::{EXIT_RERUN, ThreadArgs, Unfinished};
+use crate::config::{Config, ConfigArgs};
 use crate::data::normalize::{Normalizer, VolumeStats};
 use crate::data::zarr::{ChunkCache, ZarrArray};
 use crate::data::{TargetKind, VolumeArray};
 use crate::device::Device;
 use crate::infer::{
-    Job, Mirroring, NetworkPredictor, OutputTarget, RunOptions, Shard, SlidingWindow, TilePredictor, run,
+    Job, Mirroring, NetworkPredictor, OutputTarget, RunOptions, ShardSpec, SlidingWindow, TilePredictor, run,
 };
 use crate::model::{Network, init};
 use crate::train::checkpoint;
@@ -60,9 +64,14 @@ struct KeyFlags {
     /// inference_config.output_type: uint8, uint16 or float32.
     #[arg(long)]
     output_type: Option<String>,
-    /// inference_config.mirroring: average the 8 flips of each window (8x the work).
+    /// inference_config.mirroring (default true): average each window's predictions over the flips
+    /// of the axes the training mirrored (tr_config.augmentation.mirror_axes; 8x the work for all
+    /// three).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     mirroring: Option<bool>,
+    /// The same as --mirroring false: one prediction per window.
+    #[arg(long, conflicts_with = "mirroring")]
+    no_mirroring: bool,
     /// inference_config.targets.<target>.activation, e.g. --activation sheet=sigmoid. Repeatable.
     #[arg(long, value_name = "TARGET=ACTIVATION")]
     activation: Vec<String>,
@@ -75,18 +84,26 @@ struct JobFlags {
     /// plan on this machine before any training (the predictions mean nothing).
     #[arg(long, value_name = "SEED")]
     random_weights: Option<u64>,
-    /// This job's share of the output chunks, 1-based: job i of n (e.g. $SLURM_ARRAY_TASK_ID/n).
-    #[arg(long, default_value = "1/1")]
-    shard: Shard,
+    /// This job's share of the output blocks: job i of n counted from 0 (0/4 .. 3/4), or auto:
+    /// the task of a SLURM job array (SLURM_ARRAY_TASK_ID minus _MIN, of SLURM_ARRAY_TASK_COUNT).
+    #[arg(long, default_value = "0/1")]
+    shard: ShardSpec,
     /// Replace an existing output instead of refusing (or resuming) it; single jobs only.
     #[arg(long)]
     overwrite: bool,
     /// cpu, cuda:N, or sim (the CUDA kernels on the CPU: slow, for checking). Default: tr_setup.device.
     #[arg(long)]
     device: Option<Device>,
-    /// Stop after this many blocks (to end within a job's time limit); a rerun continues.
+    /// Stop after this many blocks; a rerun continues (exit status 75).
     #[arg(long)]
     max_blocks: Option<usize>,
+    /// Stop before a block that would end later than this after the start, e.g. 3h50m under a
+    /// 4 h limit; a rerun continues (exit status 75). SIGTERM and SIGUSR1 also stop the job after
+    /// its current block.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    stop_after: Option<std::time::Duration>,
+    #[command(flatten)]
+    threads: ThreadArgs,
     /// Memory for the blending buffers in MB; sets the block size when the output is created.
     #[arg(long, default_value_t = 1024)]
     block_mb: usize,
@@ -130,7 +147,7 @@ impl KeyFlags {
         if let Some(t) = &self.output_type {
             set("output_type", yaml_str(t));
         }
-        if let Some(m) = self.mirroring {
+        if let Some(m) = self.mirroring.or(self.no_mirroring.then_some(false)) {
             set("mirroring", m.to_string());
         }
         for a in &self.activation {
@@ -145,8 +162,17 @@ impl KeyFlags {
 
 impl InferArgs {
     pub fn run(self) -> Result<()> {
+        let start = std::time::Instant::now();
         let sets = self.keys.sets(&self.config.set)?;
         let flags = self.job;
+        flags.threads.apply()?;
+        let shard = flags.shard.resolve(&|k| std::env::var(k).ok())?;
+        // The scheduler's warning before a time limit or preemption: finish the block, then stop.
+        let interrupt = Arc::new(AtomicBool::new(false));
+        for signal in [SIGTERM, SIGUSR1] {
+            signal_hook::flag::register(signal, Arc::clone(&interrupt))
+                .with_context(|| format!("installing the handler of signal {signal}"))?;
+        }
         let parsed = Config::load(&self.config.config, &sets)?;
         for w in &parsed.warnings {
             eprintln!("warning: {w}");
@@ -195,8 +221,11 @@ impl InferArgs {
             .collect();
         let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
         store.to_device(device).with_context(|| format!("device {device}"))?;
-        let predictor =
-            with_mirroring(NetworkPredictor::new(Network::new(&arch, &store)?, store, &names)?, ic);
+        // nnU-Net mirrors over the axes the training mirrored: only those are learned invariances.
+        let aug = &config.tr_config.augmentation;
+        let mirror_axes = if ic.mirroring && aug.enabled { aug.mirror_axes.clone() } else { Vec::new() };
+        let network = NetworkPredictor::new(Network::new(&arch, &store)?, store, &names)?;
+        let predictor = with_mirroring(network, &mirror_axes, &targets)?;
 
         let cache = ChunkCache::new(flags.cache_mb << 20);
         let input = ZarrArray::open(Path::new(input_path), dc.in_channels, &cache)
@@ -241,38 +270,57 @@ impl InferArgs {
             "weights": weights,
             "normalization": format!("{schemes:?}"),
             "volume_stats": stats,
-            "mirroring": ic.mirroring,
+            "mirroring_axes": mirror_axes,
             // Devices sum in different orders: the jobs of one output share one, so it is byte-consistent.
             "device": device.to_string(),
         });
         let opts = RunOptions {
             output_path: ic.output_path.clone(),
-            shard: flags.shard,
+            shard,
             overwrite: flags.overwrite,
             max_blocks: flags.max_blocks,
+            deadline: flags.stop_after.map(|d| start + d),
+            interrupt: Some(interrupt),
             block_bytes: flags.block_mb << 20,
             show_progress: true,
         };
-        let start = std::time::Instant::now();
+        let began = std::time::Instant::now();
         let summary = run::run(&Job { window, targets, provenance }, &opts)?;
-        let secs = start.elapsed().as_secs_f64();
+        let secs = began.elapsed().as_secs_f64();
         println!(
-            "unet3d infer shard {}: blocks {:?}: {} computed, {} already finished; {} windows in {secs:.1}s \
-             ({:.2} windows/s){}",
-            flags.shard,
+            "unet3d infer shard {shard}: blocks {:?}: {} computed, {} already finished; {} windows in \
+             {secs:.1}s ({:.2} windows/s){}",
             summary.blocks,
             summary.computed,
             summary.skipped,
             summary.tiles,
             summary.tiles as f64 / secs.max(1e-9),
-            if summary.done { "; this shard is complete" } else { "; rerun to continue" }
+            if summary.done { "; this shard is complete" } else { "" }
         );
         println!("output: {}", ic.output_path.join("predictions.zarr").display());
+        if let Some(why) = summary.stopped {
+            let left = summary.blocks.len() - summary.skipped - summary.computed;
+            return Err(Unfinished(format!(
+                "unet3d infer shard {shard}: stopped with {left} blocks left ({why}); run the same command \
+                 again to continue (exit status {EXIT_RERUN})"
+            ))
+            .into());
+        }
         Ok(())
     }
 }
 
-/// The predictor, wrapped in nnU-Net's mirroring when `inference_config.mirroring` asks for it.
-fn with_mirroring<P: TilePredictor + 'static>(p: P, ic: &InferenceConfig) -> Box<dyn TilePredictor> {
-    if ic.mirroring { Box::new(Mirroring(p)) } else { Box::new(p) }
+/// The predictor, wrapped in nnU-Net's mirroring over the training's mirror axes unless
+/// `inference_config.mirroring` is off (or the training mirrored nothing).
+fn with_mirroring<P: TilePredictor + 'static>(
+    p: P,
+    axes: &[usize],
+    targets: &[OutputTarget],
+) -> Result<Box<dyn TilePredictor>> {
+    if axes.is_empty() {
+        return Ok(Box::new(p));
+    }
+    let m = Mirroring::new(p, axes, targets.iter().map(|t| t.vectors).collect())?;
+    println!("mirroring over axes {axes:?} (z = 0, y = 1, x = 2): {} predictions per window", m.passes());
+    Ok(Box::new(m))
 }

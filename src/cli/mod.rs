@@ -8,7 +8,41 @@ pub mod infer;
 pub mod plan;
 pub mod train;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+
+/// The exit status of a job that stopped early on purpose (`--max-blocks`, `--stop-after`, a
+/// scheduler's SIGTERM or SIGUSR1) and continues where it stopped when run again: sysexits'
+/// EX_TEMPFAIL, which a batch script tests to requeue itself.
+pub const EXIT_RERUN: u8 = 75;
+
+/// What a job that stopped before its end returns; `main` prints it and exits with
+/// [`EXIT_RERUN`] instead of failing.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unfinished(pub String);
+
+/// `--threads`, for the commands that compute.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct ThreadArgs {
+    /// CPU threads for compute and data loading (default: every core; an HPC job should give
+    /// its allocation, e.g. --threads $SLURM_CPUS_PER_TASK).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+impl ThreadArgs {
+    /// Sizes the process-wide thread pool; call before any parallel work.
+    pub fn apply(self) -> anyhow::Result<()> {
+        if let Some(n) = self.threads {
+            anyhow::ensure!(n > 0, "--threads 0: give at least 1");
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build_global()
+                .map_err(|e| anyhow::anyhow!("--threads {n}: {e}"))?;
+        }
+        Ok(())
+    }
+}
 
 /// Dynamic 3D residual U-Nets for multi-task segmentation and regression.
 #[derive(Parser, Debug)]
@@ -24,7 +58,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Print the network a config builds, its size and training memory; fail if it does not fit.
     Plan(plan::PlanArgs),
-    /// Predict a volume with a trained network into Zarr (sliding window; --shard i/n for HPC jobs).
+    /// Predict a volume with a trained network into Zarr (sliding window; --shard i/n or auto for
+    /// HPC jobs).
     Infer(infer::InferArgs),
     /// Convert NIfTI images and labels (one case or an MSD / nnU-Net folder) to Zarr volumes.
     Convert(convert::ConvertArgs),

@@ -24,10 +24,13 @@ pub struct TrainArgs {
     /// refusing to start.
     #[arg(long)]
     overwrite: bool,
+    #[command(flatten)]
+    threads: super::ThreadArgs,
 }
 
 impl TrainArgs {
     pub fn run(self) -> Result<()> {
+        self.threads.apply()?;
         let path = &self.config.config;
         let yaml = std::fs::read_to_string(path)
             .with_context(|| format!("config {}: cannot read", path.display()))?;

@@ -39,7 +39,7 @@ pub struct InferenceConfig {
     /// Applied to each target's output before writing: (target, activation), one per target in
     /// the order of `dataset_config.targets`.
     pub activations: Vec<(String, Activation)>,
-    /// Test-time augmentation: average over all 8 combinations of flipping z, y and x.
+    /// Test-time augmentation (default on): average over the flips of the training's mirror axes.
     pub mirroring: bool,
     pub num_dataloader_workers: usize,
 }
@@ -127,7 +127,7 @@ pub(crate) fn read_inference_config(
         output_targets,
         output_type,
         activations,
-        mirroring: s.get("mirroring", false, &boolean)?,
+        mirroring: s.get("mirroring", true, &boolean)?,
         num_dataloader_workers: s.get("num_dataloader_workers", 4, &count_from(0))?,
     };
     s.finish(INFERENCE_IGNORED);

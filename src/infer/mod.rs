@@ -9,6 +9,6 @@ pub mod tiles;
 
 pub use blend::{OutputTarget, SlidingWindow, finish};
 pub use predictor::{Mirroring, NetworkPredictor, TilePredictor};
-pub use run::{Job, RunOptions, Summary, run};
-pub use shard::{Blocks, Shard};
+pub use run::{Job, RunOptions, Stop, Summary, run};
+pub use shard::{Blocks, Shard, ShardSpec};
 pub use tiles::{Tile, TileGrid};

@@ -6,7 +6,7 @@ use anyhow::{Context, Result, ensure};
 use crate::arch::Architecture;
 use crate::autograd::ParamStore;
 use crate::config::Activation;
-use crate::data::augment::spatial::flip_in_place;
+use crate::data::augment::spatial::{flip_in_place, vector_channel};
 use crate::device::Device;
 use crate::device::kernels::blend as kernels;
 use crate::model::Network;
@@ -77,38 +77,84 @@ impl TilePredictor for NetworkPredictor {
     }
 }
 
-/// nnU-Net's mirroring TTA: the mean of the logits of the batch and of its 7 flips (every
-/// non-empty set of spatial axes, in `itertools.combinations` order), each flipped back.
-pub struct Mirroring<P>(pub P);
+/// nnU-Net's mirroring TTA: the mean of the logits of the batch and of its flips over every
+/// non-empty subset of the allowed axes (`itertools.combinations` order, as nnU-Net enumerates
+/// them), each flipped back; a vector output also has its components along the flipped axes
+/// negated back.
+pub struct Mirroring<P> {
+    inner: P,
+    flips: Vec<[bool; 3]>,
+    /// Per output: whether it is a vector field (channel c = the component along axis 2 - c).
+    vectors: Vec<bool>,
+}
 
-/// The 7 non-empty sets of axes (z, y, x), singles first, as nnU-Net enumerates them.
-const MIRROR_AXES: [[bool; 3]; 7] = [
-    [true, false, false],
-    [false, true, false],
-    [false, false, true],
-    [true, true, false],
-    [true, false, true],
-    [false, true, true],
-    [true, true, true],
-];
+impl<P: TilePredictor> Mirroring<P> {
+    /// Mirroring over `axes` (0 = z, 1 = y, 2 = x): the training's mirror axes, since only what
+    /// the network learned to be invariant to may be averaged over. `vectors` has one entry per
+    /// output of `inner`.
+    pub fn new(inner: P, axes: &[usize], vectors: Vec<bool>) -> Result<Mirroring<P>> {
+        ensure!(axes.iter().all(|&a| a < 3), "mirroring axes {axes:?}: each must be 0 (z), 1 (y) or 2 (x)");
+        let mut axes = axes.to_vec();
+        axes.sort_unstable();
+        axes.dedup();
+        let mut flips = Vec::new();
+        for size in 1..=axes.len() {
+            combinations(&axes, size, &mut Vec::new(), &mut flips);
+        }
+        Ok(Mirroring { inner, flips, vectors })
+    }
+
+    /// The predictions averaged per window: 2^(number of axes).
+    pub fn passes(&self) -> usize {
+        self.flips.len() + 1
+    }
+}
+
+/// Every `size`-subset of `axes` in lexicographic order (Python's `itertools.combinations`).
+fn combinations(axes: &[usize], size: usize, chosen: &mut Vec<usize>, out: &mut Vec<[bool; 3]>) {
+    if chosen.len() == size {
+        out.push(std::array::from_fn(|a| chosen.contains(&a)));
+        return;
+    }
+    for (i, &a) in axes.iter().enumerate() {
+        if chosen.last().is_none_or(|&last| a > last) {
+            chosen.push(a);
+            combinations(&axes[i + 1..], size, chosen, out);
+            chosen.pop();
+        }
+    }
+}
+
+/// The channels of a vector output to negate after flipping `axes`: channel c is the component
+/// along axis 2 - c (x, y, z), as the augmentation stores normals.
+fn negated_components(axes: [bool; 3]) -> u32 {
+    (0..3).filter(|&c| axes[vector_channel(c)]).map(|c| 1u32 << c).sum()
+}
 
 impl<P: TilePredictor> TilePredictor for Mirroring<P> {
     fn in_channels(&self) -> usize {
-        self.0.in_channels()
+        self.inner.in_channels()
     }
 
     /// On the inner predictor's device: the batch moves there once and is flipped there.
     fn predict(&self, batch: &Tensor) -> Result<Vec<Tensor>> {
         let batch = batch.to_device(self.device())?;
-        let mut sums = self.0.predict(&batch)?;
-        for axes in MIRROR_AXES {
-            let outputs = self.0.predict(&flip(&batch, axes)?)?;
-            for (sum, out) in sums.iter_mut().zip(outputs) {
-                sum.add_assign(&flip(&out, axes)?, "mirroring")?;
+        let mut sums = self.inner.predict(&batch)?;
+        ensure!(
+            sums.len() == self.vectors.len(),
+            "mirroring: {} outputs but {} vector flags",
+            sums.len(),
+            self.vectors.len()
+        );
+        for &axes in &self.flips {
+            let outputs = self.inner.predict(&flip(&batch, axes, 0)?)?;
+            for ((sum, out), &vector) in sums.iter_mut().zip(outputs).zip(&self.vectors) {
+                let negate = if vector { negated_components(axes) } else { 0 };
+                sum.add_assign(&flip(&out, axes, negate)?, "mirroring")?;
             }
         }
-        // 1/8, a power of two: the same bits as dividing by the count.
-        let scale = 1.0 / (MIRROR_AXES.len() + 1) as f32;
+        // 1 / 2^k, a power of two: the same bits as dividing by the count.
+        let scale = 1.0 / self.passes() as f32;
         for sum in &mut sums {
             sum.scale_in_place(scale, "mirroring")?;
         }
@@ -116,21 +162,31 @@ impl<P: TilePredictor> TilePredictor for Mirroring<P> {
     }
 
     fn device(&self) -> Device {
-        self.0.device()
+        self.inner.device()
     }
 }
 
-/// A channels-last (N, D, H, W, C) tensor reversed along the chosen spatial axes, on its device.
-pub fn flip(t: &Tensor, axes: [bool; 3]) -> Result<Tensor> {
+/// A channels-last (N, D, H, W, C) tensor reversed along the chosen spatial axes, with channel k
+/// negated where bit k of `negate` is set, on its device.
+pub fn flip(t: &Tensor, axes: [bool; 3], negate: u32) -> Result<Tensor> {
     let [n, d, h, w, c] = t.shape().ndhwc()?;
     if t.device() != Device::Cpu {
-        return Ok(Tensor::from_gpu(kernels::flip(t.gpu("flip")?, axes)?));
+        return Ok(Tensor::from_gpu(kernels::flip(t.gpu("flip")?, axes, negate)?));
     }
     ensure!(t.numel() == n * d * h * w * c, "flip: tensor {} is not contiguous", t.shape());
     let mut data = t.data().to_vec();
     let sample = d * h * w * c;
     if sample > 0 {
         data.chunks_exact_mut(sample).for_each(|s| flip_in_place(s, [d, h, w], c, axes));
+    }
+    if negate != 0 {
+        for voxel in data.chunks_exact_mut(c) {
+            for (k, x) in voxel.iter_mut().enumerate().take(32) {
+                if (negate >> k) & 1 == 1 {
+                    *x = -*x;
+                }
+            }
+        }
     }
     Tensor::from_vec(t.dims().to_vec(), data)
 }
@@ -142,12 +198,56 @@ mod tests {
     #[test]
     fn flip_reverses_the_chosen_axes_and_is_an_involution() {
         let t = Tensor::from_vec(vec![1, 2, 1, 3, 2], (0..12).map(|v| v as f32).collect()).unwrap();
-        let f = flip(&t, [false, false, true]).unwrap();
+        let f = flip(&t, [false, false, true], 0).unwrap();
         assert_eq!(&f.data()[..6], &[4.0, 5.0, 2.0, 3.0, 0.0, 1.0]);
-        let z = flip(&t, [true, false, false]).unwrap();
+        let z = flip(&t, [true, false, false], 0).unwrap();
         assert_eq!(&z.data()[..6], &t.data()[6..]);
-        for axes in MIRROR_AXES {
-            assert_eq!(flip(&flip(&t, axes).unwrap(), axes).unwrap().data(), t.data());
+        let m = Mirroring::new(Identity, &[0, 1, 2], vec![false]).unwrap();
+        assert_eq!(m.passes(), 8);
+        for &axes in &m.flips {
+            for negate in [0, 0b01, 0b10] {
+                assert_eq!(flip(&flip(&t, axes, negate).unwrap(), axes, negate).unwrap().data(), t.data());
+            }
         }
+        let negated = flip(&t, [false; 3], 0b10).unwrap();
+        assert_eq!(&negated.data()[..4], &[0.0, -1.0, 2.0, -3.0]);
+    }
+
+    struct Identity;
+
+    impl TilePredictor for Identity {
+        fn in_channels(&self) -> usize {
+            1
+        }
+        fn predict(&self, batch: &Tensor) -> Result<Vec<Tensor>> {
+            Ok(vec![batch.clone()])
+        }
+        fn device(&self) -> Device {
+            Device::Cpu
+        }
+    }
+
+    #[test]
+    fn mirroring_enumerates_the_subsets_of_its_axes_as_nnunet() {
+        let order = |axes: &[usize]| Mirroring::new(Identity, axes, vec![false]).unwrap().flips;
+        let t = |z, y, x| [z, y, x];
+        assert_eq!(
+            order(&[0, 1, 2]),
+            [
+                t(true, false, false),
+                t(false, true, false),
+                t(false, false, true),
+                t(true, true, false),
+                t(true, false, true),
+                t(false, true, true),
+                t(true, true, true)
+            ]
+        );
+        assert_eq!(order(&[2, 1]), [t(false, true, false), t(false, false, true), t(false, true, true)]);
+        assert!(order(&[]).is_empty());
+        assert!(Mirroring::new(Identity, &[3], vec![false]).is_err());
+        // Channel c of a vector is the component along axis 2 - c.
+        assert_eq!(negated_components(t(true, false, false)), 0b100);
+        assert_eq!(negated_components(t(false, true, true)), 0b011);
     }
 }

@@ -12,9 +12,13 @@
 //! refused instead of mixing two predictions in one store.
 
 use std::collections::HashSet;
+use std::fmt;
 use std::io::ErrorKind;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -53,6 +57,11 @@ pub struct RunOptions {
     /// Stop after this many blocks (a job that must end before its allocation does); a rerun
     /// continues.
     pub max_blocks: Option<usize>,
+    /// Stop before a block that would likely not finish by then (its estimate: the mean time of
+    /// this job's blocks so far).
+    pub deadline: Option<Instant>,
+    /// Set by a signal handler: finish the current block, then stop.
+    pub interrupt: Option<Arc<AtomicBool>>,
     /// Budget for the block buffers in bytes, which sets the block size when the output is created.
     pub block_bytes: usize,
     pub show_progress: bool,
@@ -69,8 +78,31 @@ pub struct Summary {
     pub tiles: usize,
     /// Every block of this job is finished.
     pub done: bool,
+    /// Why the job stopped before its last block, if it did.
+    pub stopped: Option<Stop>,
     /// On a kernel device, what each computed block moved and launched (in `computed` order).
     pub device: Vec<DeviceCounters>,
+}
+
+/// Why a job stopped early; a rerun continues where it stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// `--max-blocks`.
+    MaxBlocks,
+    /// `--stop-after`: the next block would end past the deadline.
+    TimeLimit,
+    /// SIGTERM or SIGUSR1 (the scheduler's warning before a time limit or preemption).
+    Signal,
+}
+
+impl fmt::Display for Stop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Stop::MaxBlocks => "--max-blocks reached",
+            Stop::TimeLimit => "the next block would end after --stop-after",
+            Stop::Signal => "a termination signal",
+        })
+    }
 }
 
 /// The store's paths.
@@ -160,7 +192,19 @@ pub fn run(job: &Job<'_>, opts: &RunOptions) -> Result<Summary> {
     let bar = progress_bar(opts, tiles.iter().sum(), todo.len());
     let gpu = Gpu::of(job.window.device())?;
     let mut device = Vec::new();
+    let (started, mut computed, mut tiles_done) = (Instant::now(), 0, 0);
+    let mut stopped = (todo.len() < pending.len()).then_some(Stop::MaxBlocks);
     for (n, &b) in todo.iter().enumerate() {
+        if opts.interrupt.as_ref().is_some_and(|i| i.load(Ordering::Relaxed)) {
+            stopped = Some(Stop::Signal);
+            break;
+        }
+        if let Some(deadline) = opts.deadline
+            && Instant::now() + started.elapsed().checked_div(n as u32).unwrap_or_default() > deadline
+        {
+            stopped = Some(Stop::TimeLimit);
+            break;
+        }
         bar.set_message(format!("block {}/{}", n + 1, todo.len()));
         let (lo, size) = blocks.block(b);
         let before = gpu.as_ref().map(Gpu::counters);
@@ -185,6 +229,7 @@ pub fn run(job: &Job<'_>, opts: &RunOptions) -> Result<Summary> {
             }
         }
         write_atomic(&layout.finished(b), b"")?;
+        (computed, tiles_done) = (computed + 1, tiles_done + tiles[n]);
         if opts.show_progress && bar.is_hidden() {
             log_block(&bar, n + 1, todo.len(), b, moved);
         }
@@ -192,10 +237,11 @@ pub fn run(job: &Job<'_>, opts: &RunOptions) -> Result<Summary> {
     bar.finish_and_clear();
     Ok(Summary {
         blocks: mine,
-        computed: todo.len(),
+        computed,
         skipped,
-        tiles: tiles.iter().sum(),
-        done: todo.len() == pending.len(),
+        tiles: tiles_done,
+        done: computed == pending.len(),
+        stopped,
         device,
     })
 }

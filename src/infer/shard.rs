@@ -7,7 +7,7 @@ use std::str::FromStr;
 
 use anyhow::{Result, bail, ensure};
 
-/// Job `index` (0-based) of `count`; written and parsed 1-based as `i/n`.
+/// Job `index` of `count`, both written `i/n` and counted from 0 as SLURM array task ids are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shard {
     pub index: usize,
@@ -21,6 +21,48 @@ impl Shard {
     pub fn blocks(&self, n_blocks: usize) -> Range<usize> {
         self.index * n_blocks / self.count..(self.index + 1) * n_blocks / self.count
     }
+
+    /// This job's shard in a SLURM job array: task id minus the array's first id, of the array's
+    /// task count. `env` reads a variable. A stepped array or one with gaps (`--array=0-9:2`,
+    /// `--array=1,4,7`) has no contiguous numbering and is refused.
+    pub fn from_slurm_array(env: &dyn Fn(&str) -> Option<String>) -> Result<Shard> {
+        let var = |name: &str| -> Result<Option<usize>> {
+            env(name)
+                .map(|v| {
+                    v.trim()
+                        .parse::<usize>()
+                        .map_err(|_| anyhow::anyhow!("--shard auto: {name}={v:?} is not a whole number"))
+                })
+                .transpose()
+        };
+        let (Some(id), Some(count)) = (var("SLURM_ARRAY_TASK_ID")?, var("SLURM_ARRAY_TASK_COUNT")?) else {
+            bail!(
+                "--shard auto: SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT are not set (not a SLURM \
+                 job array: submit with sbatch --array=0-N, or give --shard i/n)"
+            );
+        };
+        let min = var("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
+        if let Some(step) = var("SLURM_ARRAY_TASK_STEP")?.filter(|&s| s != 1) {
+            bail!(
+                "--shard auto: the array steps by {step} (SLURM_ARRAY_TASK_STEP); give --shard i/n instead"
+            );
+        }
+        if let Some(max) = var("SLURM_ARRAY_TASK_MAX")?
+            && max.checked_sub(min).map(|d| d + 1) != Some(count)
+        {
+            bail!(
+                "--shard auto: ids {min}..={max} but SLURM_ARRAY_TASK_COUNT={count}: the array has gaps; \
+                 give --shard i/n instead"
+            );
+        }
+        match id.checked_sub(min) {
+            Some(index) if index < count && count > 0 => Ok(Shard { index, count }),
+            _ => bail!(
+                "--shard auto: SLURM_ARRAY_TASK_ID={id} is not in the array's {count} tasks from \
+                 SLURM_ARRAY_TASK_MIN={min}"
+            ),
+        }
+    }
 }
 
 impl FromStr for Shard {
@@ -30,15 +72,42 @@ impl FromStr for Shard {
         let parsed =
             s.split_once('/').and_then(|(i, n)| Some((i.trim().parse().ok()?, n.trim().parse().ok()?)));
         match parsed {
-            Some((i, n)) if (1..=n).contains(&i) => Ok(Shard { index: i - 1, count: n }),
-            _ => bail!("--shard '{s}': expected i/n with 1 <= i <= n, e.g. 2/8"),
+            Some((i, n)) if i < n => Ok(Shard { index: i, count: n }),
+            _ => bail!(
+                "--shard '{s}': expected i/n with 0 <= i < n, counted from 0 as SLURM array task ids \
+                 (e.g. 0/8 to 7/8), or auto"
+            ),
         }
     }
 }
 
 impl fmt::Display for Shard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.index + 1, self.count)
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+/// What `--shard` says: a shard, or `auto` (the SLURM array's task).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardSpec {
+    Given(Shard),
+    SlurmArray,
+}
+
+impl FromStr for ShardSpec {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<ShardSpec> {
+        if s.trim() == "auto" { Ok(ShardSpec::SlurmArray) } else { s.parse().map(ShardSpec::Given) }
+    }
+}
+
+impl ShardSpec {
+    pub fn resolve(self, env: &dyn Fn(&str) -> Option<String>) -> Result<Shard> {
+        match self {
+            ShardSpec::Given(s) => Ok(s),
+            ShardSpec::SlurmArray => Shard::from_slurm_array(env),
+        }
     }
 }
 
@@ -139,10 +208,11 @@ mod tests {
 
     #[test]
     fn shards_parse_and_partition_the_blocks() {
-        let s: Shard = "2/3".parse().unwrap();
+        let s: Shard = "1/3".parse().unwrap();
         assert_eq!(s, Shard { index: 1, count: 3 });
-        assert_eq!(s.to_string(), "2/3");
-        for bad in ["0/3", "4/3", "3", "a/b", "1/0"] {
+        assert_eq!(s.to_string(), "1/3");
+        assert_eq!("0/1".parse::<Shard>().unwrap(), Shard::WHOLE);
+        for bad in ["3/3", "4/3", "3", "a/b", "0/0", "-1/3"] {
             let err = bad.parse::<Shard>().unwrap_err().to_string();
             assert!(err.contains(bad), "{err}");
         }
@@ -155,6 +225,60 @@ mod tests {
             }
             assert_eq!(next, 10);
         }
+    }
+
+    #[test]
+    fn a_slurm_array_task_is_its_shard() {
+        let auto = |vars: &[(&str, &str)]| {
+            let env = |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
+            ShardSpec::SlurmArray.resolve(&env)
+        };
+        // sbatch --array=0-7
+        let s = auto(&[
+            ("SLURM_ARRAY_TASK_ID", "3"),
+            ("SLURM_ARRAY_TASK_COUNT", "8"),
+            ("SLURM_ARRAY_TASK_MIN", "0"),
+            ("SLURM_ARRAY_TASK_MAX", "7"),
+        ]);
+        assert_eq!(s.unwrap(), Shard { index: 3, count: 8 });
+        // sbatch --array=1-4: ids from 1
+        let s = auto(&[
+            ("SLURM_ARRAY_TASK_ID", "1"),
+            ("SLURM_ARRAY_TASK_COUNT", "4"),
+            ("SLURM_ARRAY_TASK_MIN", "1"),
+            ("SLURM_ARRAY_TASK_MAX", "4"),
+        ]);
+        assert_eq!(s.unwrap(), Shard { index: 0, count: 4 });
+        let bad: [(&[(&str, &str)], &str); 5] = [
+            (&[], "not set"),
+            (&[("SLURM_ARRAY_TASK_ID", "x"), ("SLURM_ARRAY_TASK_COUNT", "4")], "not a whole number"),
+            (
+                &[
+                    ("SLURM_ARRAY_TASK_ID", "2"),
+                    ("SLURM_ARRAY_TASK_COUNT", "3"),
+                    ("SLURM_ARRAY_TASK_MIN", "0"),
+                    ("SLURM_ARRAY_TASK_MAX", "6"),
+                ],
+                "gaps",
+            ),
+            (
+                &[
+                    ("SLURM_ARRAY_TASK_ID", "2"),
+                    ("SLURM_ARRAY_TASK_COUNT", "3"),
+                    ("SLURM_ARRAY_TASK_STEP", "2"),
+                ],
+                "steps by 2",
+            ),
+            (&[("SLURM_ARRAY_TASK_ID", "5"), ("SLURM_ARRAY_TASK_COUNT", "3")], "not in the array"),
+        ];
+        for (vars, want) in bad {
+            let e = auto(vars).unwrap_err().to_string();
+            assert!(e.contains("--shard auto") && e.contains(want), "{e}");
+        }
+        assert_eq!(
+            "2/5".parse::<ShardSpec>().unwrap().resolve(&|_| None).unwrap(),
+            Shard { index: 2, count: 5 }
+        );
     }
 
     #[test]

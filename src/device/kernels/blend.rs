@@ -122,8 +122,9 @@ pub fn divide(acc: &mut GpuTensor, weights: &GpuTensor) -> Result<()> {
     gpu.launch(Kernel::BLEND_DIVIDE, items(n), &args)
 }
 
-/// A channels-last (N, D, H, W, C) tensor reversed along the chosen spatial axes (z, y, x).
-pub fn flip(x: &GpuTensor, axes: [bool; 3]) -> Result<GpuTensor> {
+/// A channels-last (N, D, H, W, C) tensor reversed along the chosen spatial axes (z, y, x), with
+/// channel k negated where bit k of `negate` is set.
+pub fn flip(x: &GpuTensor, axes: [bool; 3], negate: u32) -> Result<GpuTensor> {
     let [_, d, h, w, c] = x.shape.ndhwc().map_err(|e| anyhow::anyhow!("flip: {e}"))?;
     let mut y = GpuTensor::output(&x.gpu, x.shape.clone())?;
     let n = x.numel();
@@ -132,6 +133,7 @@ pub fn flip(x: &GpuTensor, axes: [bool; 3]) -> Result<GpuTensor> {
         args.push(Arg::val(to_i32(v, what)?));
     }
     args.extend(axes.map(|f| Arg::val(i32::from(f))));
+    args.push(Arg::val(negate));
     args.push(Arg::val(n as i64));
     x.gpu.launch(Kernel::BLEND_FLIP, items(n), &args)?;
     Ok(y)
