@@ -540,8 +540,9 @@ fn ct_statistics_travel_with_the_model() {
     use unet3d::data::zarr::{ChunkCache, ZarrArray};
     let (dir, data, y) =
         example("ct", 16, 3, "max_epoch: 1, max_steps_per_epoch: 1, max_val_steps_per_epoch: 1");
-    let config = Config::parse(&y, &["dataset_config.normalization=ct".to_string()]).unwrap().config;
-    let mut t = Trainer::new(config.clone(), ConfigSource::default()).unwrap();
+    let sets = vec!["dataset_config.normalization=ct".to_string()];
+    let config = Config::parse(&y, &sets).unwrap().config;
+    let mut t = Trainer::new(config.clone(), ConfigSource { yaml: y.clone(), sets }).unwrap();
     t.progress = false;
     let mut source = LoaderSource::new(&config, t.architecture()).unwrap();
     let run = t.run(&mut source, None).unwrap();
@@ -556,6 +557,38 @@ fn ct_statistics_travel_with_the_model() {
     let final_model = run.final_model.unwrap();
     assert_eq!(checkpoint::ct_stats(&final_model).unwrap(), Some(want.clone()));
     assert_eq!(checkpoint::ct_stats(&run.epochs[0].checkpoint).unwrap(), Some(want));
+    // The final model carries its training config and network: `infer` needs no YAML, and its `ct`
+    // channel normalises with the carried statistics.
+    let record = checkpoint::model_record(&final_model).unwrap().expect("a model record");
+    assert_eq!((&record.architecture, record.config_yaml.as_str()), (t.architecture(), y.as_str()));
+    let out = dir.join("predicted");
+    let argv = [
+        "unet3d",
+        "infer",
+        "--checkpoint",
+        &final_model.display().to_string(),
+        "--input",
+        &data.join("volume0.zarr/input").display().to_string(),
+        "--output",
+        &out.display().to_string(),
+        "--no-mirroring",
+    ]
+    .map(String::from);
+    use clap::Parser;
+    unet3d::cli::Cli::try_parse_from(argv.clone()).unwrap().run().unwrap();
+    assert!(out.join("predictions.zarr/sheet/zarr.json").is_file());
+    // Overrides may not turn the carried config into another network.
+    let mut other: Vec<String> = argv.to_vec();
+    other.extend(["--set".to_string(), "model_config.nonlin=ReLU".to_string()]);
+    let e = format!("{:#}", unet3d::cli::Cli::try_parse_from(other).unwrap().run().unwrap_err());
+    assert!(e.contains("another network") && e.contains("nonlin"), "{e}");
+    // A file without a record (a plain weights export) needs --config.
+    let plain_weights = dir.join("plain.safetensors");
+    unet3d::model::weights::save(&plain_weights, t.architecture(), &t.store().to_host().unwrap()).unwrap();
+    let mut argv = argv.clone();
+    argv[3] = plain_weights.display().to_string();
+    let e = format!("{:#}", unet3d::cli::Cli::try_parse_from(argv).unwrap().run().unwrap_err());
+    assert!(e.contains("plain.safetensors") && e.contains("--config"), "{e}");
     // Without ct there is nothing to carry.
     let mut plain =
         trainer(&yaml(&dir, "max_epoch: 1, max_steps_per_epoch: 1, max_val_steps_per_epoch: 0"), &[])

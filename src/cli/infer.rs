@@ -11,7 +11,7 @@ use serde_json::json;
 use signal_hook::consts::{SIGTERM, SIGUSR1};
 
 use super::{EXIT_RERUN, ThreadArgs, Unfinished};
-use crate::config::{Config, ConfigArgs};
+use crate::config::Config;
 use crate::data::normalize::{Normalizer, VolumeStats};
 use crate::data::zarr::{ChunkCache, ZarrArray};
 use crate::data::{TargetKind, VolumeArray};
@@ -28,8 +28,13 @@ use crate::train::checkpoint;
 /// below are shorthands for the common ones and win over --set.
 #[derive(Args, Debug)]
 pub struct InferArgs {
-    #[command(flatten)]
-    config: ConfigArgs,
+    /// The YAML config; without it, the config the --checkpoint model was trained with (every
+    /// model unet3d writes carries it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override one key, e.g. --set inference_config.overlap=0.5; the value is YAML. Repeatable.
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
     /// Boxed: the flags make the largest subcommand.
     #[command(flatten)]
     keys: Box<KeyFlags>,
@@ -163,7 +168,7 @@ impl KeyFlags {
 impl InferArgs {
     pub fn run(self) -> Result<()> {
         let start = std::time::Instant::now();
-        let sets = self.keys.sets(&self.config.set)?;
+        let sets = self.keys.sets(&self.set)?;
         let flags = self.job;
         flags.threads.apply()?;
         let shard = flags.shard.resolve(&|k| std::env::var(k).ok())?;
@@ -173,7 +178,23 @@ impl InferArgs {
             signal_hook::flag::register(signal, Arc::clone(&interrupt))
                 .with_context(|| format!("installing the handler of signal {signal}"))?;
         }
-        let parsed = Config::load(&self.config.config, &sets)?;
+        let (parsed, trained) = match (&self.config, &self.keys.checkpoint) {
+            (Some(path), _) => (Config::load(path, &sets)?, None),
+            (None, Some(model)) => {
+                let Some(record) = checkpoint::model_record(model)? else {
+                    bail!(
+                        "{}: carries no training config (written by an older unet3d, or elsewhere); pass \
+                         --config with the YAML it was trained with",
+                        model.display()
+                    );
+                };
+                let all: Vec<String> = record.config_sets.iter().chain(&sets).cloned().collect();
+                let parsed = Config::parse(&record.config_yaml, &all)
+                    .with_context(|| format!("{}: the training config it carries", model.display()))?;
+                (parsed, Some(record.architecture))
+            }
+            (None, None) => bail!("give --checkpoint MODEL (its training config comes with it) or --config"),
+        };
         for w in &parsed.warnings {
             eprintln!("warning: {w}");
         }
@@ -185,6 +206,17 @@ impl InferArgs {
         };
 
         let arch = config.architecture()?;
+        if let Some(trained) = trained
+            && trained != arch
+        {
+            let diff =
+                crate::config::differences(&serde_json::to_value(&trained)?, &serde_json::to_value(&arch)?);
+            bail!(
+                "the config now builds another network than the model was trained as (a --set override, \
+                 or another unet3d's planner); trained vs now:\n  {}",
+                diff.join("\n  ")
+            );
+        }
         if let (Some(_), Some(p)) = (flags.random_weights, &self.keys.checkpoint) {
             bail!("--random-weights with --checkpoint {}: choose one", p.display());
         }
@@ -253,7 +285,12 @@ impl InferArgs {
         } else {
             None
         };
-        let normalizer = Normalizer::new(schemes, input.dtype(), stats.as_ref(), None)
+        // `ct` channels normalise with the training set's statistics, which the model carries.
+        let ct = match (flags.random_weights, &ic.checkpoint_path) {
+            (None, Some(path)) => checkpoint::ct_stats(path)?,
+            _ => None,
+        };
+        let normalizer = Normalizer::new(schemes, input.dtype(), stats.as_ref(), ct.as_ref())
             .with_context(|| format!("normalising {input_path}"))?
             .with_nan_policy(dc.nan_policy);
         let window = SlidingWindow::new(

@@ -24,6 +24,34 @@ const STATE_KEY: &str = "unet3d.training_state";
 /// model alike: inference must normalise with the training set's numbers.
 const CT_STATS_KEY: &str = "unet3d.ct_stats";
 const OPTIMIZER_PREFIX: &str = "optimizer.";
+/// The metadata key of the [`ModelRecord`], in every checkpoint and final model.
+const MODEL_KEY: &str = "unet3d.model";
+/// Bumped when [`ModelRecord`] changes.
+pub const MODEL_FORMAT_VERSION: u32 = 1;
+
+/// What inference needs besides the weights, so a model file predicts without its training
+/// YAML: the config it was trained with (targets, activations, normalisation, patch, spacing and
+/// the rest, as written) and the network that config built.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelRecord {
+    pub format_version: u32,
+    /// The training YAML and its `--set` overrides, in order.
+    pub config_yaml: String,
+    pub config_sets: Vec<String>,
+    /// The trained network, checked against the one the config builds when the file is used.
+    pub architecture: Architecture,
+}
+
+impl ModelRecord {
+    pub fn new(arch: &Architecture, config_yaml: &str, config_sets: &[String]) -> ModelRecord {
+        ModelRecord {
+            format_version: MODEL_FORMAT_VERSION,
+            config_yaml: config_yaml.to_string(),
+            config_sets: config_sets.to_vec(),
+            architecture: arch.clone(),
+        }
+    }
+}
 /// Bumped when the layout changes, so an old file is refused with a reason.
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -72,28 +100,32 @@ pub fn save(
     let mut tensors = weights::to_state_dict(arch, store)?;
     tensors.extend(optimizer.tensors.iter().map(|(n, t)| (format!("{OPTIMIZER_PREFIX}{n}"), t.clone())));
     let state = TrainingState { optimizer: optimizer.meta.clone(), ..state.clone() };
+    let record = ModelRecord::new(arch, &state.config_yaml, &state.config_sets);
     let mut meta = HashMap::from([(STATE_KEY.to_string(), serde_json::to_string(&state)?)]);
-    write(path, &tensors, &mut meta, state.ct_stats.as_ref())
+    write(path, &tensors, &mut meta, &record, state.ct_stats.as_ref())
 }
 
 /// The final model: weights only, as `model::weights::save` writes them (PyTorch loads them), plus
-/// the CT statistics when the training used them.
+/// its [`ModelRecord`] and the CT statistics when the training used them.
 pub fn save_weights(
     path: &Path,
-    arch: &Architecture,
     store: &ParamStore,
+    record: &ModelRecord,
     ct: Option<&CtStats>,
 ) -> Result<()> {
-    write(path, &weights::to_state_dict(arch, store)?, &mut HashMap::new(), ct)
+    let tensors = weights::to_state_dict(&record.architecture, store)?;
+    write(path, &tensors, &mut HashMap::new(), record, ct)
 }
 
 fn write(
     path: &Path,
     tensors: &[(String, Tensor)],
     meta: &mut HashMap<String, String>,
+    record: &ModelRecord,
     ct: Option<&CtStats>,
 ) -> Result<()> {
     meta.insert("format".to_string(), "pt".to_string());
+    meta.insert(MODEL_KEY.to_string(), serde_json::to_string(record)?);
     if let Some(ct) = ct {
         meta.insert(CT_STATS_KEY.to_string(), serde_json::to_string(ct)?);
     }
@@ -111,6 +143,23 @@ pub fn ct_stats(path: &Path) -> Result<Option<CtStats>> {
         .map(|j| serde_json::from_str(j))
         .transpose()
         .with_context(|| format!("checkpoint {}: unreadable {CT_STATS_KEY}", path.display()))
+}
+
+/// The model record of a checkpoint or final model; None for files written before unet3d stored
+/// one, or from elsewhere (a PyTorch export).
+pub fn model_record(path: &Path) -> Result<Option<ModelRecord>> {
+    let file = io::load(path).with_context(|| format!("checkpoint {}", path.display()))?;
+    let Some(json) = file.metadata.get(MODEL_KEY) else { return Ok(None) };
+    let record: ModelRecord = serde_json::from_str(json)
+        .with_context(|| format!("checkpoint {}: unreadable {MODEL_KEY}", path.display()))?;
+    if record.format_version != MODEL_FORMAT_VERSION {
+        bail!(
+            "checkpoint {}: model record version {}, this unet3d reads version {MODEL_FORMAT_VERSION}",
+            path.display(),
+            record.format_version
+        );
+    }
+    Ok(Some(record))
 }
 
 /// Splits a file's tensors into weights and optimizer state.

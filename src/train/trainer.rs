@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail, ensure};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::checkpoint::{self, TrainingState};
+use super::checkpoint::{self, ModelRecord, TrainingState};
 use super::folder::{Kind, RunFolder, Start};
 use super::gif::{self, Panel};
 use super::log::Logger;
@@ -212,8 +212,14 @@ impl Trainer {
                         resume_changes.join("\n  ")
                     );
                 }
-                let state =
-                    TrainingState { seed: setup.seed, model_name: setup.model_name.clone(), ..ck.state };
+                // The files this run writes record its own config, which the next resume compares with.
+                let state = TrainingState {
+                    seed: setup.seed,
+                    model_name: setup.model_name.clone(),
+                    config_yaml: source.yaml.clone(),
+                    config_sets: source.sets.clone(),
+                    ..ck.state
+                };
                 (ck.store, state, true, Some((p.clone(), ck.optimizer)))
             }
         };
@@ -386,7 +392,8 @@ impl Trainer {
             .then(|| -> Result<PathBuf> {
                 let p = folder.path(Kind::Final);
                 let host = self.store.to_host().context("copying the parameters for the final model")?;
-                checkpoint::save_weights(&p, &self.arch, &host, self.state.ct_stats.as_ref())?;
+                let record = ModelRecord::new(&self.arch, &self.state.config_yaml, &self.state.config_sets);
+                checkpoint::save_weights(&p, &host, &record, self.state.ct_stats.as_ref())?;
                 Ok(p)
             })
             .transpose()?;
