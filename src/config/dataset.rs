@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 
 use super::reader::{Section, boolean, choice, count_from, is_plain_name, non_negative, probability, string};
 use super::tree::Node;
-use crate::data::finite::NanPolicy;
+use crate::device::op::Pointwise;
 use crate::loss::{LOSS_NAMES, Loss};
 
 /// Applied to a target's output at inference (and in the seed's eval-mode forward).
@@ -42,6 +42,32 @@ impl TargetConfig {
     /// re-normalised at inference.
     pub fn is_normals(&self) -> bool {
         self.name.eq_ignore_ascii_case("normals")
+    }
+}
+
+/// How a target's values move under augmentation and resampling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetKind {
+    /// Integer-valued maps (class indices, binary masks): resampled by the label rule, never
+    /// blended into non-integer values.
+    Labels,
+    /// Continuous values (distance maps, ...): resampled trilinearly.
+    Values,
+    /// A vector per voxel along the channels (the seed's normals): resampled trilinearly, and
+    /// rotated and flipped as vectors with the volume.
+    Vectors,
+}
+
+impl TargetKind {
+    /// What `target`'s loss and name make of it.
+    pub fn of(target: &TargetConfig) -> TargetKind {
+        match &target.loss {
+            _ if target.is_normals() => TargetKind::Vectors,
+            Loss::DiceCe(_) | Loss::CrossEntropy(_) | Loss::BceDice { .. } => TargetKind::Labels,
+            Loss::Pointwise(Pointwise::BceWithLogits(_) | Pointwise::Bce, _) => TargetKind::Labels,
+            Loss::MaskedCosine => TargetKind::Vectors,
+            Loss::Pointwise(..) => TargetKind::Values,
+        }
     }
 }
 
@@ -84,6 +110,17 @@ pub enum Sampling {
 const SAMPLINGS: &[&str] = &["patch_search", "random"];
 
 const NAN_POLICIES: &[&str] = &["error", "replace", "skip_patch"];
+
+/// What training and statistics do with a non-finite stored value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NanPolicy {
+    /// Refuse the volume, naming the array and the voxel.
+    Error,
+    /// Read it as this value (before normalisation), in statistics and patches alike.
+    Replace(f32),
+    /// Leave it out of the statistics and draw another patch wherever a patch holds one.
+    SkipPatch,
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct DatasetConfig {

@@ -21,7 +21,9 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 
 pub use args::ConfigArgs;
-pub use dataset::{Activation, DatasetConfig, Normalization, Sampling, TargetConfig, VolumePaths};
+pub use dataset::{
+    Activation, DatasetConfig, NanPolicy, Normalization, Sampling, TargetConfig, TargetKind, VolumePaths,
+};
 pub use inference::{InferenceConfig, OutputType};
 pub use train::{Augmentation, OptimizerConfig, TrConfig, TrSetup};
 

@@ -1,8 +1,6 @@
 //! What the loader hands the training step.
 
-use crate::config::TargetConfig;
-use crate::device::op::Pointwise;
-use crate::loss::Loss;
+pub use crate::config::TargetKind;
 use crate::tensor::Tensor;
 
 /// One target's labels or values for a batch, at every deep-supervision scale.
@@ -24,31 +22,6 @@ pub struct Batch {
     pub targets: Vec<TargetBatch>,
     /// Where each patch came from (volume index, start voxel D, H, W), for logs and GIFs.
     pub origins: Vec<(usize, [usize; 3])>,
-}
-
-/// How a target's values move under augmentation and resampling.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TargetKind {
-    /// Integer-valued maps (class indices, binary masks): resampled by the label rule, never
-    /// blended into non-integer values.
-    Labels,
-    /// Continuous values (distance maps, ...): resampled trilinearly.
-    Values,
-    /// A vector per voxel along the channels (the seed's normals): resampled trilinearly, and
-    /// rotated and flipped as vectors with the volume.
-    Vectors,
-}
-
-impl TargetKind {
-    pub fn of(target: &TargetConfig) -> TargetKind {
-        match &target.loss {
-            _ if target.is_normals() => TargetKind::Vectors,
-            Loss::DiceCe(_) | Loss::CrossEntropy(_) | Loss::BceDice { .. } => TargetKind::Labels,
-            Loss::Pointwise(Pointwise::BceWithLogits(_) | Pointwise::Bce, _) => TargetKind::Labels,
-            Loss::MaskedCosine => TargetKind::Vectors,
-            Loss::Pointwise(..) => TargetKind::Values,
-        }
-    }
 }
 
 /// One patch before batching: channels-last (D, H, W, C) values of the input and every target.

@@ -8,17 +8,7 @@ use rayon::prelude::*;
 
 use super::array::{DType, VolumeArray};
 use super::sampling::tiles;
-
-/// What training and statistics do with a non-finite stored value.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum NanPolicy {
-    /// Refuse the volume, naming the array and the voxel.
-    Error,
-    /// Read it as this value (before normalisation), in statistics and patches alike.
-    Replace(f32),
-    /// Leave it out of the statistics and draw another patch wherever a patch holds one.
-    SkipPatch,
-}
+pub use crate::config::NanPolicy;
 
 /// A non-finite value and where it is.
 #[derive(Debug, Clone, Copy, PartialEq)]
