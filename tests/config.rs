@@ -183,6 +183,35 @@ fn names_that_could_become_paths_are_refused() {
     assert_eq!(ok.config.tr_setup.model_name, "Res-Enc_M2");
 }
 
+/// A regression target's values have no bounds, so an integer output needs a stated range;
+/// by default it is written as float32, and activated or vector targets keep their ranges.
+#[test]
+fn integer_outputs_of_regression_targets_need_a_range() {
+    let yaml =
+        "dataset_config:\n  targets:\n    ink: {channels: 1}\n    dist: {channels: 1, loss_fn: MSELoss}\n";
+    let c = parse(yaml, &[]).unwrap().config;
+    let (ink, dist) = (&c.dataset_config.targets[0], &c.dataset_config.targets[1]);
+    assert_eq!(c.inference_config.output_type_for(dist), OutputType::Float32);
+    assert_eq!(c.inference_config.output_type_for(ink), OutputType::Uint8);
+    let e = err(yaml, &["inference_config.output_type=uint8"]);
+    assert!(
+        e.contains("inference_config.output_type")
+            && e.contains("'dist'")
+            && e.contains("inference_config.targets.dist.range"),
+        "{e}"
+    );
+    let c =
+        parse(yaml, &["inference_config.output_type=uint16", "inference_config.targets.dist.range=[0, 40]"])
+            .unwrap()
+            .config;
+    assert_eq!(c.inference_config.value_range(&c.dataset_config.targets[1]), Some([0.0, 40.0]));
+    parse(yaml, &["inference_config.output_type=uint8", "inference_config.targets.dist.activation=sigmoid"])
+        .unwrap();
+    parse(yaml, &["inference_config.output_type=uint8", "inference_config.output_targets=[ink]"]).unwrap();
+    let e = err(yaml, &["inference_config.targets.dist.range=[3, 1]"]);
+    assert!(e.contains("inference_config.targets.dist.range") && e.contains("lo < hi"), "{e}");
+}
+
 #[test]
 fn missing_sections_and_keys_take_the_defaults() {
     let p = parse(MINIMAL, &[]).unwrap();

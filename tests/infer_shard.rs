@@ -55,6 +55,7 @@ fn targets() -> Vec<OutputTarget> {
             activation: Activation::Sigmoid,
             vectors: false,
             output_type: OutputType::Uint8,
+            range: None,
         },
         OutputTarget {
             name: "normals".into(),
@@ -62,6 +63,7 @@ fn targets() -> Vec<OutputTarget> {
             activation: Activation::None,
             vectors: true,
             output_type: OutputType::Uint16,
+            range: None,
         },
     ]
 }

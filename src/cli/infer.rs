@@ -248,6 +248,7 @@ impl InferArgs {
                     activation: ic.activation(name).unwrap_or(t.activation),
                     vectors: TargetKind::of(t) == TargetKind::Vectors,
                     output_type: ic.output_type_for(t),
+                    range: ic.value_range(t),
                 }
             })
             .collect();

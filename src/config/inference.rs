@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 
-use super::dataset::{Activation, TargetConfig, activation};
-use super::reader::{Section, boolean, choice, count_from, number_in, size3, string};
+use super::dataset::{Activation, TargetConfig, TargetKind, activation};
+use super::reader::{Section, boolean, choice, count_from, list_of, number, number_in, size3, string};
 use super::tree::Node;
 
 /// How a target's output array stores values.
@@ -34,22 +34,39 @@ pub struct InferenceConfig {
     pub overlap: f64,
     /// Targets written, in the order of `dataset_config.targets`.
     pub output_targets: Vec<String>,
-    /// None: the seed's rule, uint16 for normals and uint8 for everything else.
+    /// None: uint16 for vectors (the seed's normals), float32 for regression targets (an integer
+    /// would clip them), uint8 for the rest.
     pub output_type: Option<OutputType>,
     /// Applied to each target's output before writing: (target, activation), one per target in
     /// the order of `dataset_config.targets`.
     pub activations: Vec<(String, Activation)>,
     /// Test-time augmentation (default on): average over the flips of the training's mirror axes.
     pub mirroring: bool,
+    /// (target, [lo, hi]): the values an integer output's 0..max stands for, per regression target.
+    pub ranges: Vec<(String, [f64; 2])>,
     pub num_dataloader_workers: usize,
 }
 
 impl InferenceConfig {
     pub fn output_type_for(&self, target: &TargetConfig) -> OutputType {
-        match self.output_type {
-            Some(t) => t,
-            None if target.is_normals() => OutputType::Uint16,
-            None => OutputType::Uint8,
+        match (self.output_type, TargetKind::of(target)) {
+            (Some(t), _) => t,
+            (None, TargetKind::Vectors) => OutputType::Uint16,
+            (None, TargetKind::Values) => OutputType::Float32,
+            (None, TargetKind::Labels) => OutputType::Uint8,
+        }
+    }
+
+    /// The values an integer output of `target` spans: the `range` given for it, else [0, 1] after
+    /// a sigmoid or softmax; None where nothing bounds them (a regression target's raw values).
+    /// Vectors are unit length and always span [-1, 1].
+    pub fn value_range(&self, target: &TargetConfig) -> Option<[f64; 2]> {
+        if let Some((_, r)) = self.ranges.iter().find(|(t, _)| *t == target.name) {
+            return Some(*r);
+        }
+        match self.activation(&target.name).unwrap_or(target.activation) {
+            Activation::Sigmoid | Activation::Softmax => Some([0.0, 1.0]),
+            Activation::None => None,
         }
     }
 
@@ -101,6 +118,7 @@ pub(crate) fn read_inference_config(
 
     let mut activations: Vec<(String, Activation)> =
         targets.iter().map(|t| (t.name.clone(), t.activation)).collect();
+    let mut ranges = Vec::new();
     for (name, mut t) in s.named_sections("targets")? {
         let Some(target) = targets.iter().find(|t| t.name == name) else {
             bail!("{}: not a target of dataset_config.targets ({})", t.path(), names.join(", "));
@@ -111,6 +129,12 @@ pub(crate) fn read_inference_config(
         })?;
         let a = t.get("activation", target.activation, &activation)?;
         activations.iter_mut().filter(|(n, _)| *n == name).for_each(|(_, slot)| *slot = a);
+        let range = t.optional("range", &|n| {
+            let r =
+                list_of(2, false, number)(n).map_err(|_| "[lo, hi], two numbers with lo < hi".to_string())?;
+            if r[0] < r[1] { Ok([r[0], r[1]]) } else { Err("[lo, hi], two numbers with lo < hi".to_string()) }
+        })?;
+        ranges.extend(range.map(|r| (name.clone(), r)));
         t.finish(&[("weight", "the seed ignores it too: weights scale training losses only")]);
     }
 
@@ -129,7 +153,26 @@ pub(crate) fn read_inference_config(
         activations,
         mirroring: s.get("mirroring", true, &boolean)?,
         num_dataloader_workers: s.get("num_dataloader_workers", 4, &count_from(0))?,
+        ranges,
     };
+    // An integer output of unbounded values would clip them without a word (a distance map in
+    // uint8 came out 87% at 255).
+    for name in &config.output_targets {
+        let t = targets.iter().find(|t| t.name == *name).expect("output targets are targets");
+        let ty = config.output_type_for(t);
+        if ty != OutputType::Float32
+            && TargetKind::of(t) == TargetKind::Values
+            && config.value_range(t).is_none()
+        {
+            bail!(
+                "{}: {ty:?} output of regression target '{name}', whose values nothing bounds; give \
+                 {}.targets.{name}.range: [lo, hi] (the values 0..max stands for), an activation, or \
+                 output_type: float32",
+                s.key_path("output_type"),
+                s.path()
+            );
+        }
+    }
     s.finish(INFERENCE_IGNORED);
     Ok(config)
 }

@@ -35,6 +35,9 @@ pub struct OutputTarget {
     pub vectors: bool,
     #[serde(serialize_with = "output_type_name")]
     pub output_type: OutputType,
+    /// The values [lo, hi] an integer output's 0..max stands for (`inference_config.value_range`);
+    /// vectors always span [-1, 1].
+    pub range: Option<[f64; 2]>,
 }
 
 fn activation_name<S: serde::Serializer>(a: &Activation, s: S) -> Result<S::Ok, S::Error> {
@@ -308,8 +311,8 @@ impl Placement {
 }
 
 /// Blended logits (D, H, W, C) of `target` to the values its array stores: activation, unit
-/// length for vectors (as the seed: v / (|v| + 1e-8)), then the integer range of the output type
-/// (the writer rounds and clamps).
+/// length for vectors (as the seed: v / (|v| + 1e-8)), then, for an integer output, its value
+/// range mapped onto the type's 0..max (the writer rounds and clamps).
 pub fn finish(target: &OutputTarget, logits: Vec<f32>) -> Vec<f32> {
     let c = target.channels;
     let mut v = match target.activation {
@@ -336,11 +339,13 @@ pub fn finish(target: &OutputTarget, logits: Vec<f32>) -> Vec<f32> {
         OutputType::Uint8 => 255.0,
         OutputType::Uint16 => 65535.0,
     };
-    if target.vectors {
-        v.par_iter_mut().for_each(|x| *x = (*x + 1.0) / 2.0 * scale);
-    } else {
-        v.par_iter_mut().for_each(|x| *x *= scale);
-    }
+    let [lo, hi] = match (target.vectors, target.range) {
+        (true, _) => [-1.0, 1.0],
+        (false, Some(r)) => r.map(|x| x as f32),
+        (false, None) => [0.0, 1.0],
+    };
+    let factor = scale / (hi - lo);
+    v.par_iter_mut().for_each(|x| *x = (*x - lo) * factor);
     v
 }
 
@@ -354,7 +359,7 @@ mod tests {
         output_type: OutputType,
         channels: usize,
     ) -> OutputTarget {
-        OutputTarget { name: "t".into(), channels, activation, vectors, output_type }
+        OutputTarget { name: "t".into(), channels, activation, vectors, output_type, range: None }
     }
 
     #[test]
@@ -369,5 +374,11 @@ mod tests {
         let v = finish(&t, vec![1.0, 1.0, 0.0, 2.0f32.ln()]);
         assert_eq!(v[0], 0.5);
         assert!((v[3] - 2.0 / 3.0).abs() < 1e-6);
+        // A regression target's stated range maps onto the integers (the writer clamps beyond it).
+        let t = OutputTarget {
+            range: Some([-10.0, 30.0]),
+            ..target(Activation::None, false, OutputType::Uint8, 1)
+        };
+        assert_eq!(finish(&t, vec![-10.0, 10.0, 30.0, 50.0]), vec![0.0, 127.5, 255.0, 382.5]);
     }
 }
