@@ -525,13 +525,12 @@ fn checkpoint_cases(root: &Path) -> Vec<Case> {
         infer(&d, &config, &input, &d.s("good.safetensors"), &[]),
         &["predictions.zarr/seg", "not written by unet3d infer"],
     ));
-    let (d, config, input, _) = prepare("infer-input-missing");
+    let (d, config, _, _) = prepare("infer-input-missing");
     cases.push(case(
         "infer-input-missing",
         infer(&d, &config, &d.s("none.zarr"), &d.s("good.safetensors"), &[]),
         &["none.zarr"],
     ));
-    let _ = input;
     let (d, config, _, good) = prepare("resume-bit-flip");
     let mut b = good.clone();
     let n = b.len();
