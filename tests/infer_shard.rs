@@ -365,6 +365,12 @@ fn infer_command_runs_from_a_config() {
     Cli::try_parse_from(args(&["--block-mb", "0"])).unwrap().run().unwrap();
     assert!(done(18));
     assert!(!out.join("predictions.zarr/normals").exists());
+    // The run record names the schemes as the config spells them and the weights by checksum.
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join(".progress/run.json")).unwrap()).unwrap();
+    let p = &record["settings"]["provenance"];
+    assert_eq!(p["normalization"], serde_json::json!(["zscore"]));
+    assert!(p["weights"]["checkpoint"]["crc32c"].is_u64() && p["volume_stats"]["channels"].is_array(), "{p}");
     let e =
         format!("{:#}", Cli::try_parse_from(args(&["--random-weights", "3"])).unwrap().run().unwrap_err());
     assert!(e.contains("--random-weights with --checkpoint"), "{e}");

@@ -7,11 +7,11 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use signal_hook::consts::{SIGTERM, SIGUSR1};
 
 use super::{EXIT_RERUN, ThreadArgs, Unfinished};
-use crate::config::Config;
+use crate::config::{Config, Normalization};
 use crate::data::normalize::{Normalizer, VolumeStats};
 use crate::data::zarr::{ChunkCache, ZarrArray};
 use crate::data::{TargetKind, VolumeArray};
@@ -228,11 +228,11 @@ impl InferArgs {
             );
         }
         let (mut store, weights) = match (flags.random_weights, &ic.checkpoint_path) {
-            (Some(seed), _) => (init::initialize(&arch, seed)?, json!({"random_weights": seed})),
+            (Some(seed), _) => (init::initialize(&arch, seed)?, Weights::RandomWeights { seed }),
             (None, Some(path)) => {
                 let store = checkpoint::load_weights(path, &arch)?;
                 let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-                (store, json!({"checkpoint": path, "checkpoint_crc32c": crc32c::crc32c(&bytes)}))
+                (store, Weights::Checkpoint { path: path.clone(), crc32c: crc32c::crc32c(&bytes) })
             }
             (None, None) => bail!("inference_config.checkpoint_path is not set (or pass --checkpoint)"),
         };
@@ -269,15 +269,12 @@ impl InferArgs {
             // Every job needs the whole volume's statistics: reuse the first job's rather than
             // read the volume again.
             let recorded = if flags.overwrite { None } else { run::recorded_provenance(&ic.output_path)? };
-            match recorded.filter(|p| p["input"] == json!(input_path)) {
-                Some(p) => Some(
-                    serde_json::from_value::<VolumeStats>(p["volume_stats"].clone()).with_context(|| {
-                        format!(
-                            "{}: unreadable volume_stats",
-                            ic.output_path.join(".progress/run.json").display()
-                        )
-                    })?,
-                ),
+            let recorded =
+                recorded.map(serde_json::from_value::<Provenance>).transpose().with_context(|| {
+                    format!("{}: unreadable provenance", ic.output_path.join(".progress/run.json").display())
+                })?;
+            match recorded.filter(|p| p.input == *input_path).and_then(|p| p.volume_stats) {
+                Some(stats) => Some(stats),
                 None => Some(
                     VolumeStats::compute(&input, dc.nan_policy)
                         .with_context(|| format!("statistics of {input_path}"))?,
@@ -303,15 +300,14 @@ impl InferArgs {
             ic.overlap,
             ic.batch_size,
         )?;
-        let provenance = json!({
-            "input": input_path,
-            "weights": weights,
-            "normalization": format!("{schemes:?}"),
-            "volume_stats": stats,
-            "mirroring_axes": mirror_axes,
-            // Devices sum in different orders: the jobs of one output share one, so it is byte-consistent.
-            "device": device.to_string(),
-        });
+        let provenance = serde_json::to_value(Provenance {
+            input: input_path.clone(),
+            weights,
+            normalization: schemes.clone(),
+            volume_stats: stats,
+            mirroring_axes: mirror_axes,
+            device: device.to_string(),
+        })?;
         let opts = RunOptions {
             output_path: ic.output_path.clone(),
             shard,
@@ -346,6 +342,27 @@ impl InferArgs {
         }
         Ok(())
     }
+}
+
+/// What decides an inference job's bytes besides the window and targets, recorded in run.json:
+/// a later job refuses to write into a store whose record differs, and reuses its statistics.
+#[derive(Debug, Serialize, Deserialize)]
+struct Provenance {
+    input: String,
+    weights: Weights,
+    normalization: Vec<Normalization>,
+    /// The whole input's statistics, for `zscore`.
+    volume_stats: Option<VolumeStats>,
+    mirroring_axes: Vec<usize>,
+    /// Devices sum in different orders: the jobs of one output share one, so it is byte-consistent.
+    device: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Weights {
+    Checkpoint { path: PathBuf, crc32c: u32 },
+    RandomWeights { seed: u64 },
 }
 
 /// The predictor, wrapped in nnU-Net's mirroring over the training's mirror axes unless

@@ -81,12 +81,15 @@ pub struct VolumePaths {
     pub ref_label: String,
 }
 
-/// Intensity normalisation of one input channel, the same in training and inference.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Intensity normalisation of one input channel, the same in training and inference. Recorded
+/// by the names the config spells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Normalization {
     /// The seed's dtype scaling: uint8 / 255, uint16 / 65535, floats unchanged.
     ScaleToUnit,
     /// Per-image (x - mean) / max(std, 1e-8).
+    #[serde(rename = "zscore")]
     ZScore,
     /// nnU-Net's CT scheme: clip to the foreground's [0.5, 99.5] percentiles, then z-score with
     /// the foreground's mean and std, over the training set.
