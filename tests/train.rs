@@ -680,3 +680,50 @@ fn a_resume_reports_every_changed_setting_and_refuses_another_architecture() {
         "{e}"
     );
 }
+
+#[test]
+fn folds_split_the_cases_once_and_each_writes_to_its_own_folder() {
+    let dir = scratch_dir("folds");
+    let data = dir.join("data");
+    let opts = unet3d::data::example::ExampleOptions { volumes: 5, size: 16, seed: 4, overwrite: false };
+    unet3d::data::example::write_example_data(&data, &opts).unwrap();
+    let volumes: String = (0..5)
+        .map(|k| {
+            let v = data.join(format!("volume{k}.zarr"));
+            format!("    - {{input: {0}/input, sheet: {0}/sheet, ref_label: sheet}}\n", v.display())
+        })
+        .collect();
+    let yaml = format!(
+        "tr_setup: {{model_name: f, ckpt_out_base: {d}/ck, tensorboard_log_dir: {d}/tb}}
+tr_config: {{patch_size: [{PATCH}, {PATCH}, {PATCH}], batch_size: 2, num_dataloader_workers: 0, max_epoch: 1, \
+max_steps_per_epoch: 1, max_val_steps_per_epoch: 1}}
+model_config: {{base_features: 4, max_features: 8, n_blocks_per_stage: [1, 1, 1]}}
+dataset_config:
+  sampling: random
+  targets:
+    sheet: {{channels: 1, activation: sigmoid, loss_fn: BCEDiceLoss}}
+  volume_paths:
+{volumes}",
+        d = dir.display()
+    );
+    let train_fold = |fold: &str| {
+        let sets = vec![format!("tr_setup.fold={fold}")];
+        let config = Config::parse(&yaml, &sets).unwrap().config;
+        let mut t = Trainer::new(config.clone(), ConfigSource { yaml: yaml.clone(), sets }).unwrap();
+        t.progress = false;
+        let mut source = LoaderSource::new(&config, t.architecture()).unwrap();
+        t.run(&mut source, None).unwrap()
+    };
+    let run = train_fold("3");
+    assert!(run.final_model.unwrap().starts_with(dir.join("ck/fold_3")));
+    assert!(dir.join("tb/fold_3/f/metrics.jsonl").is_file());
+    let splits = std::fs::read(dir.join("ck/splits.json")).unwrap();
+    let folds: Vec<unet3d::train::folds::FoldCases> = serde_json::from_slice(&splits).unwrap();
+    assert!(folds.iter().all(|f| f.val.len() == 1 && f.train.len() == 4));
+    // The next fold reuses the split; "all" trains on everything, in its own folder.
+    train_fold("0");
+    assert_eq!(std::fs::read(dir.join("ck/splits.json")).unwrap(), splits);
+    assert!(train_fold("all").final_model.unwrap().starts_with(dir.join("ck/fold_all")));
+    let e = format!("{:#}", Config::parse(&yaml, &["tr_setup.fold=5".to_string()]).err().unwrap());
+    assert!(e.contains("tr_setup.fold") && e.contains("0..4"), "{e}");
+}

@@ -68,8 +68,8 @@ pub(crate) fn train(config: Config, source: ConfigSource, overwrite: bool) -> Re
     }
     println!(
         "logs: {} (tensorboard --logdir {})",
-        config.tr_setup.tensorboard_log_dir.join(&config.tr_setup.model_name).display(),
-        config.tr_setup.tensorboard_log_dir.display()
+        config.tr_setup.log_dir().join(&config.tr_setup.model_name).display(),
+        config.tr_setup.log_dir().display()
     );
     Ok(summary)
 }

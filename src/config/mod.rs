@@ -25,7 +25,7 @@ pub use dataset::{
     Activation, DatasetConfig, NanPolicy, Normalization, Sampling, TargetConfig, TargetKind, VolumePaths,
 };
 pub use inference::{InferenceConfig, OutputType};
-pub use train::{Augmentation, OptimizerConfig, TrConfig, TrSetup};
+pub use train::{Augmentation, FOLDS, Fold, OptimizerConfig, TrConfig, TrSetup};
 
 use crate::arch::{ArchConfig, Architecture, Target};
 use reader::{Ctx, Section};

@@ -31,6 +31,47 @@ pub struct TrSetup {
     pub seed: u64,
     /// How many of the newest epoch checkpoints are kept.
     pub checkpoints_kept: usize,
+    /// Which volumes train and which validate.
+    pub fold: Fold,
+}
+
+/// The folds of nnU-Net's cross-validation.
+pub const FOLDS: usize = 5;
+
+/// Which volumes a run trains and validates on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fold {
+    /// A seeded `tr_val_split` of the volumes (the seed's behaviour).
+    Split,
+    /// Fold k (0-based) of the seeded 5-fold split by case, kept in `splits.json`.
+    Index(usize),
+    /// Every volume trains and validates (nnU-Net's fold "all").
+    All,
+}
+
+impl TrSetup {
+    /// `ckpt_out_base`, or its `fold_<k>` / `fold_all` folder: every output names its fold.
+    pub fn checkpoint_dir(&self) -> PathBuf {
+        self.fold_folder(&self.ckpt_out_base)
+    }
+
+    /// `tensorboard_log_dir`, or its fold folder.
+    pub fn log_dir(&self) -> PathBuf {
+        self.fold_folder(&self.tensorboard_log_dir)
+    }
+
+    /// The 5-fold split by case, written once beside the folds' folders and reused by each.
+    pub fn splits_file(&self) -> PathBuf {
+        self.ckpt_out_base.join("splits.json")
+    }
+
+    fn fold_folder(&self, base: &std::path::Path) -> PathBuf {
+        match self.fold {
+            Fold::Split => base.to_path_buf(),
+            Fold::Index(k) => base.join(format!("fold_{k}")),
+            Fold::All => base.join("fold_all"),
+        }
+    }
 }
 
 /// The optimizer with its hyperparameters; `lr` is `tr_config.initial_lr`.
@@ -173,6 +214,11 @@ pub(crate) fn read_tr_setup(mut s: Section<'_>) -> Result<(TrSetup, bool)> {
         device: s.get("device", Device::Cpu, &device)?,
         seed: s.get("seed", 0, &integer_from(0))?,
         checkpoints_kept: s.get("checkpoints_kept", 10, &count_from(1))?,
+        fold: s.get("fold", Fold::Split, &|n| match n {
+            Node::Str(a) if a == "all" => Ok(Fold::All),
+            Node::Int(k) if (0..FOLDS as i128).contains(k) => Ok(Fold::Index(*k as usize)),
+            _ => Err(format!("a fold 0..{} or \"all\" (null: tr_val_split)", FOLDS - 1)),
+        })?,
     };
     let autoconfigure = s.get("autoconfigure", true, &boolean)?;
     s.finish(&[]);

@@ -5,9 +5,10 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, ensure};
 
+use super::folds::fold_split;
 use super::trainer::BatchSource;
 use crate::arch::Architecture;
-use crate::config::Config;
+use crate::config::{Config, FOLDS, Fold};
 use crate::data::Batch;
 use crate::data::dataset::Dataset;
 use crate::data::loader::{Loader, LoaderOptions};
@@ -38,8 +39,18 @@ impl LoaderSource {
         let dc = &config.dataset_config;
         let dataset = Arc::new(Dataset::open(dc, ChunkCache::new(CHUNK_CACHE_BYTES))?);
         let volume_names = dataset.volumes.iter().map(|v| v.name.clone()).collect();
-        let (train, val) =
-            split_volumes(dataset.volumes.len(), config.tr_setup.tr_val_split, config.tr_setup.seed);
+        let setup = &config.tr_setup;
+        let n = dataset.volumes.len();
+        let (train, val) = match setup.fold {
+            Fold::Split => split_volumes(n, setup.tr_val_split, setup.seed),
+            Fold::Index(k) => {
+                let names: Vec<String> = dataset.volumes.iter().map(|v| v.name.clone()).collect();
+                let (train, val) = fold_split(&names, k, &setup.splits_file())?;
+                println!("fold {k} of {FOLDS} ({})", setup.splits_file().display());
+                (train, val)
+            }
+            Fold::All => ((0..n).collect(), (0..n).collect()),
+        };
         let names = |v: &[usize]| {
             let mut n: Vec<&str> = v.iter().take(8).map(|&i| dataset.volumes[i].name.as_str()).collect();
             if v.len() > 8 {

@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod folder;
+pub mod folds;
 pub mod gif;
 pub mod log;
 pub mod metrics;

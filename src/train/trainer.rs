@@ -285,7 +285,7 @@ impl Trainer {
                 _ if self.overwrite => Start::Replace,
                 _ => Start::Fresh,
             };
-            self.folder = Some(RunFolder::open(&setup.ckpt_out_base, &setup.model_name, &start)?);
+            self.folder = Some(RunFolder::open(&setup.checkpoint_dir(), &setup.model_name, &start)?);
         }
         Ok(())
     }
@@ -306,7 +306,7 @@ impl Trainer {
         stop_after: Option<usize>,
     ) -> Result<RunSummary> {
         let name = folder.name();
-        let mut logger = Logger::create(&self.config.tr_setup.tensorboard_log_dir.join(&name))?;
+        let mut logger = Logger::create(&self.config.tr_setup.log_dir().join(&name))?;
         self.state.ct_stats = data.ct_stats();
         let tr = self.config.tr_config.clone();
         let end = stop_after.map_or(tr.max_epoch, |s| s.min(tr.max_epoch));
