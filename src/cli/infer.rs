@@ -20,7 +20,7 @@ use crate::infer::{
     Job, Mirroring, NetworkPredictor, OutputTarget, RunOptions, ShardSpec, SlidingWindow, TilePredictor, run,
 };
 use crate::model::{Network, init};
-use crate::train::checkpoint;
+use crate::train::checkpoint::ModelFile;
 
 /// Predict a volume with the sliding window and write one Zarr array per output target.
 ///
@@ -178,10 +178,16 @@ impl InferArgs {
             signal_hook::flag::register(signal, Arc::clone(&interrupt))
                 .with_context(|| format!("installing the handler of signal {signal}"))?;
         }
-        let (parsed, trained) = match (&self.config, &self.keys.checkpoint) {
+        if let (Some(_), Some(p)) = (flags.random_weights, &self.keys.checkpoint) {
+            bail!("--random-weights with --checkpoint {}: choose one", p.display());
+        }
+        // Read once: the config it carries (without --config), its weights and CT statistics.
+        let mut model_file = self.keys.checkpoint.as_deref().map(ModelFile::open).transpose()?;
+        let (parsed, trained) = match (&self.config, &model_file) {
             (Some(path), _) => (Config::load(path, &sets)?, None),
-            (None, Some(model)) => {
-                let Some(record) = checkpoint::model_record(model)? else {
+            (None, Some(file)) => {
+                let model = file.path();
+                let Some(record) = file.record()? else {
                     bail!(
                         "{}: carries no training config (written by an older unet3d, or elsewhere); pass \
                          --config with the YAML it was trained with",
@@ -217,9 +223,6 @@ impl InferArgs {
                 diff.join("\n  ")
             );
         }
-        if let (Some(_), Some(p)) = (flags.random_weights, &self.keys.checkpoint) {
-            bail!("--random-weights with --checkpoint {}: choose one", p.display());
-        }
         if let (Some(seed), Some(p)) = (flags.random_weights, &ic.checkpoint_path) {
             eprintln!(
                 "warning: --random-weights {seed}: the config's inference_config.checkpoint_path {} is \
@@ -227,12 +230,16 @@ impl InferArgs {
                 p.display()
             );
         }
-        let (mut store, weights) = match (flags.random_weights, &ic.checkpoint_path) {
-            (Some(seed), _) => (init::initialize(&arch, seed)?, Weights::RandomWeights { seed }),
+        // `ct` channels normalise with the training set's statistics, which the model carries.
+        let (mut store, weights, ct) = match (flags.random_weights, &ic.checkpoint_path) {
+            (Some(seed), _) => (init::initialize(&arch, seed)?, Weights::RandomWeights { seed }, None),
             (None, Some(path)) => {
-                let store = checkpoint::load_weights(path, &arch)?;
-                let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-                (store, Weights::Checkpoint { path: path.clone(), crc32c: crc32c::crc32c(&bytes) })
+                let file = match model_file.take() {
+                    Some(f) if f.path() == path => f,
+                    _ => ModelFile::open(path)?,
+                };
+                let (crc32c, ct) = (file.crc32c(), file.ct_stats()?);
+                (file.weights(&arch)?, Weights::Checkpoint { path: path.clone(), crc32c }, ct)
             }
             (None, None) => bail!("inference_config.checkpoint_path is not set (or pass --checkpoint)"),
         };
@@ -282,11 +289,6 @@ impl InferArgs {
             }
         } else {
             None
-        };
-        // `ct` channels normalise with the training set's statistics, which the model carries.
-        let ct = match (flags.random_weights, &ic.checkpoint_path) {
-            (None, Some(path)) => checkpoint::ct_stats(path)?,
-            _ => None,
         };
         let normalizer = Normalizer::new(schemes, input.dtype(), stats.as_ref(), ct.as_ref())
             .with_context(|| format!("normalising {input_path}"))?

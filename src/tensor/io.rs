@@ -10,6 +10,8 @@ use std::path::Path;
 pub struct TensorFile {
     pub tensors: BTreeMap<String, Tensor>,
     pub metadata: HashMap<String, String>,
+    /// CRC-32C of the whole file: its identity in records of what was run with it.
+    pub crc32c: u32,
 }
 
 impl TensorFile {
@@ -96,7 +98,7 @@ pub fn load(path: &Path) -> anyhow::Result<TensorFile> {
             path.display()
         );
     }
-    Ok(TensorFile { tensors, metadata })
+    Ok(TensorFile { tensors, metadata, crc32c: crc32c::crc32c(&bytes) })
 }
 
 /// The metadata key of the CRC-32C of each tensor's bytes, written by [`save`] and checked by

@@ -6,7 +6,7 @@
 //! error instead of loading wrongly.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -134,32 +134,72 @@ fn write(
         .with_context(|| format!("writing checkpoint {}", path.display()))
 }
 
-/// The CT normalisation statistics a checkpoint or final model was trained with; None when the
-/// training normalised no channel with `ct` (or the file comes from elsewhere).
-pub fn ct_stats(path: &Path) -> Result<Option<CtStats>> {
-    let file = io::load(path).with_context(|| format!("checkpoint {}", path.display()))?;
-    file.metadata
-        .get(CT_STATS_KEY)
-        .map(|j| serde_json::from_str(j))
-        .transpose()
-        .with_context(|| format!("checkpoint {}: unreadable {CT_STATS_KEY}", path.display()))
+/// A checkpoint or final model read once, for everything inference takes from it.
+pub struct ModelFile {
+    path: PathBuf,
+    file: io::TensorFile,
 }
 
-/// The model record of a checkpoint or final model; None for files written before unet3d stored
-/// one, or from elsewhere (a PyTorch export).
-pub fn model_record(path: &Path) -> Result<Option<ModelRecord>> {
-    let file = io::load(path).with_context(|| format!("checkpoint {}", path.display()))?;
-    let Some(json) = file.metadata.get(MODEL_KEY) else { return Ok(None) };
-    let record: ModelRecord = serde_json::from_str(json)
-        .with_context(|| format!("checkpoint {}: unreadable {MODEL_KEY}", path.display()))?;
-    if record.format_version != MODEL_FORMAT_VERSION {
-        bail!(
-            "checkpoint {}: model record version {}, this unet3d reads version {MODEL_FORMAT_VERSION}",
-            path.display(),
-            record.format_version
-        );
+impl ModelFile {
+    pub fn open(path: &Path) -> Result<ModelFile> {
+        let file = io::load(path).with_context(|| format!("checkpoint {}", path.display()))?;
+        Ok(ModelFile { path: path.to_path_buf(), file })
     }
-    Ok(Some(record))
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// CRC-32C of the whole file.
+    pub fn crc32c(&self) -> u32 {
+        self.file.crc32c
+    }
+
+    /// The metadata JSON under `key`, if present.
+    fn meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        self.file
+            .metadata
+            .get(key)
+            .map(|j| serde_json::from_str(j))
+            .transpose()
+            .with_context(|| format!("checkpoint {}: unreadable {key}", self.path.display()))
+    }
+
+    /// The CT normalisation statistics the model was trained with; None when the training
+    /// normalised no channel with `ct` (or the file comes from elsewhere).
+    pub fn ct_stats(&self) -> Result<Option<CtStats>> {
+        self.meta(CT_STATS_KEY)
+    }
+
+    /// The model record; None for files written before unet3d stored one, or from elsewhere (a
+    /// PyTorch export).
+    pub fn record(&self) -> Result<Option<ModelRecord>> {
+        let Some(record) = self.meta::<ModelRecord>(MODEL_KEY)? else { return Ok(None) };
+        if record.format_version != MODEL_FORMAT_VERSION {
+            bail!(
+                "checkpoint {}: model record version {}, this unet3d reads version {MODEL_FORMAT_VERSION}",
+                self.path.display(),
+                record.format_version
+            );
+        }
+        Ok(Some(record))
+    }
+
+    /// The weights (of a training checkpoint or a weights-only file) for `arch`.
+    pub fn weights(self, arch: &Architecture) -> Result<ParamStore> {
+        let (w, _) = split(self.file.tensors);
+        weights::from_state_dict(arch, &w).with_context(|| format!("checkpoint {}", self.path.display()))
+    }
+}
+
+/// The CT normalisation statistics a checkpoint or final model was trained with.
+pub fn ct_stats(path: &Path) -> Result<Option<CtStats>> {
+    ModelFile::open(path)?.ct_stats()
+}
+
+/// The model record of a checkpoint or final model.
+pub fn model_record(path: &Path) -> Result<Option<ModelRecord>> {
+    ModelFile::open(path)?.record()
 }
 
 /// Splits a file's tensors into weights and optimizer state.
@@ -204,7 +244,5 @@ pub fn load(path: &Path, arch: &Architecture) -> Result<Checkpoint> {
 /// The weights of a training checkpoint or of a weights-only file (the final model, a PyTorch
 /// export), for fine-tuning and inference.
 pub fn load_weights(path: &Path, arch: &Architecture) -> Result<ParamStore> {
-    let file = io::load(path).with_context(|| format!("checkpoint {}", path.display()))?;
-    let (w, _) = split(file.tensors);
-    weights::from_state_dict(arch, &w).with_context(|| format!("checkpoint {}", path.display()))
+    ModelFile::open(path)?.weights(arch)
 }
