@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod convert;
 pub mod demo;
+pub mod evaluate;
 pub mod example_data;
 pub mod infer;
 pub mod plan;
@@ -61,6 +62,9 @@ enum Command {
     /// Predict a volume with a trained network into Zarr (sliding window; --shard i/n or auto for
     /// HPC jobs).
     Infer(infer::InferArgs),
+    /// Score predicted label maps or regression values against references (Dice, HD95, surface
+    /// Dice, ...; MAE, RMSE, R^2) into summary.json.
+    Evaluate(evaluate::EvaluateArgs),
     /// Convert NIfTI images and labels (one case or an MSD / nnU-Net folder) to Zarr volumes.
     Convert(convert::ConvertArgs),
     /// Write a small synthetic multi-task dataset (sheets, distance, normals) to try everything on.
@@ -78,6 +82,7 @@ impl Cli {
             Command::Plan(args) => args.run(),
             Command::Infer(args) => args.run(),
             Command::Convert(args) => args.run(),
+            Command::Evaluate(args) => args.run(),
             Command::ExampleData(args) => args.run(),
             Command::Train(args) => args.run(),
             Command::Demo(args) => args.run(),

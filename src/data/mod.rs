@@ -14,6 +14,7 @@ pub mod nifti;
 pub mod normalize;
 pub mod sampling;
 pub mod store;
+pub mod volume;
 pub mod zarr;
 
 pub use array::{DType, InMemoryArray, VolumeArray};

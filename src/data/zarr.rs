@@ -321,6 +321,14 @@ impl ZarrArray {
         })
     }
 
+    /// Opens an array whose channel count is whatever it holds: 3D arrays have 1, 4D arrays their
+    /// last axis (unet3d's own layout), for readers that have no expected count (`evaluate`).
+    pub fn open_channels_last(path: &Path, cache: &ChunkCache) -> Result<ZarrArray> {
+        let shape = open_array(path)?.shape().to_vec();
+        let channels = if shape.len() == 4 { shape[3] as usize } else { 1 };
+        ZarrArray::open(path, channels, cache)
+    }
+
     /// Makes a chunk absent from the store an error naming it, instead of the fill value.
     pub fn refusing_missing_chunks(self) -> ZarrArray {
         ZarrArray { missing_chunks_read_as_fill: false, ..self }

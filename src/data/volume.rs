@@ -1,0 +1,173 @@
+//! Whole volumes with their geometry, read from a NIfTI file or a Zarr array, and folders of
+//! them as cases: what `unet3d evaluate` compares and what folder-wide jobs enumerate.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail, ensure};
+
+use super::array::VolumeArray;
+use super::nifti;
+use super::zarr::{ChunkCache, ZarrArray, has_array_metadata};
+use crate::tensor::memory::check_allocation;
+
+/// A volume in memory: (D, H, W, C) channels-last values and the geometry its file records.
+#[derive(Debug, Clone)]
+pub struct Volume {
+    /// The file (and array) it was read from, for messages.
+    pub name: String,
+    pub shape: [usize; 3],
+    pub channels: usize,
+    /// Voxel size in mm (D, H, W), when the file records it.
+    pub spacing: Option<[f64; 3]>,
+    pub data: Vec<f32>,
+}
+
+/// The file endings a case can have, longest first.
+const ENDINGS: &[&str] = &[".nii.gz", ".nii", ".zarr"];
+
+/// The case name of a volume path: its file name without a volume ending; None for other files.
+pub fn case_name(path: &Path) -> Option<String> {
+    let file = path.file_name()?.to_str()?;
+    ENDINGS.iter().find_map(|e| file.strip_suffix(e)).filter(|n| !n.is_empty()).map(str::to_string)
+}
+
+/// The cases of `folder`, sorted by name: every `.nii`, `.nii.gz` and `.zarr` entry. Hidden
+/// entries (`.progress`, editors' files) are skipped; any other entry is an error naming it, as is
+/// a name two entries share (`a.nii` beside `a.nii.gz`).
+pub fn cases(folder: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let ctx = || format!("listing {}", folder.display());
+    let mut out: Vec<(String, PathBuf)> = Vec::new();
+    for entry in std::fs::read_dir(folder).with_context(ctx)? {
+        let path = entry.with_context(ctx)?.path();
+        let hidden = path.file_name().and_then(|n| n.to_str()).is_none_or(|n| n.starts_with('.'));
+        if hidden || path.file_name().is_some_and(|n| n == "summary.json") {
+            continue;
+        }
+        let Some(name) = case_name(&path) else {
+            bail!(
+                "{}: not a volume (a case is a .nii, .nii.gz or .zarr); move it out of {}",
+                path.display(),
+                folder.display()
+            );
+        };
+        out.push((name, path));
+    }
+    out.sort();
+    for pair in out.windows(2) {
+        ensure!(
+            pair[0].0 != pair[1].0,
+            "{} and {}: two volumes of case '{}'; keep one",
+            pair[0].1.display(),
+            pair[1].1.display(),
+            pair[0].0
+        );
+    }
+    ensure!(!out.is_empty(), "{}: holds no volume (.nii, .nii.gz or .zarr)", folder.display());
+    Ok(out)
+}
+
+/// Reads a whole volume: a NIfTI file, a Zarr array, or the array `array` inside a Zarr group.
+/// A 4D Zarr array has its channels last (unet3d's layout).
+pub fn read(path: &Path, array: Option<&str>) -> Result<Volume> {
+    let file = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    if file.ends_with(".nii") || file.ends_with(".nii.gz") {
+        let img = nifti::read(path)?;
+        let h = img.header;
+        return Ok(Volume {
+            name: path.display().to_string(),
+            shape: h.shape,
+            channels: h.channels,
+            spacing: Some(h.spacing),
+            data: img.data,
+        });
+    }
+    let path: PathBuf = match array {
+        Some(a) if !has_array_metadata(path) => {
+            ensure!(
+                Path::new(a).components().count() == 1 && !a.starts_with('.'),
+                "--array {a}: not the name of an array inside a store"
+            );
+            path.join(a)
+        }
+        _ => path.to_path_buf(),
+    };
+    let cache = ChunkCache::new(64 << 20);
+    let z = ZarrArray::open_channels_last(&path, &cache)?;
+    let (shape, channels) = (z.shape(), z.channels());
+    let n = shape.iter().product::<usize>() * channels;
+    check_allocation((n as u64).checked_mul(4), format_args!("{}: {shape:?} x {channels}", z.name()))?;
+    let data = z.read([0; 3], shape)?;
+    Ok(Volume { spacing: zarr_spacing(&path, &z)?, name: z.name().to_string(), shape, channels, data })
+}
+
+/// The spacing a Zarr array records: its own `spacing` attribute (`unet3d convert`), else the
+/// scale of its level in the parent group's OME-Zarr `multiscales` (0.4 or 0.5).
+fn zarr_spacing(path: &Path, z: &ZarrArray) -> Result<Option<[f64; 3]>> {
+    let name = z.name();
+    if let Some(s) = z.attributes().get("spacing") {
+        let s: [f64; 3] = serde_json::from_value(s.clone())
+            .with_context(|| format!("{name}: attribute \"spacing\" is not three numbers"))?;
+        return Ok(Some(s));
+    }
+    let (Some(parent), Some(level)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return Ok(None);
+    };
+    let attrs = [parent.join("zarr.json"), parent.join(".zattrs")].into_iter().find_map(|p| {
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;
+        Some(if v.get("attributes").is_some() { v["attributes"].clone() } else { v })
+    });
+    let Some(attrs) = attrs else { return Ok(None) };
+    let multiscales = attrs.get("ome").map_or(&attrs, |o| o)["multiscales"].as_array().cloned();
+    for m in multiscales.unwrap_or_default() {
+        for d in m["datasets"].as_array().into_iter().flatten() {
+            if d["path"] != level {
+                continue;
+            }
+            for t in d["coordinateTransformations"].as_array().into_iter().flatten() {
+                if t["type"] == "scale" {
+                    let scale: Vec<f64> = serde_json::from_value(t["scale"].clone()).with_context(|| {
+                        format!("{}: multiscales scale of '{level}' is not numbers", parent.display())
+                    })?;
+                    ensure!(
+                        scale.len() >= 3,
+                        "{}: multiscales scale of '{level}' has {} axes",
+                        parent.display(),
+                        scale.len()
+                    );
+                    let s = &scale[scale.len() - 3..];
+                    return Ok(Some([s[0], s[1], s[2]]));
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn case_names_and_folders() {
+        assert_eq!(case_name(Path::new("a/hippo_001.nii.gz")).as_deref(), Some("hippo_001"));
+        assert_eq!(case_name(Path::new("b.zarr")).as_deref(), Some("b"));
+        assert_eq!(case_name(Path::new("notes.txt")), None);
+        assert_eq!(case_name(Path::new(".nii")), None);
+        let dir = std::env::temp_dir().join(format!("unet3d-volume-cases-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join(".progress")).unwrap();
+        for f in ["b.nii.gz", "a.nii", "summary.json"] {
+            std::fs::write(dir.join(f), b"").unwrap();
+        }
+        let names: Vec<String> = cases(&dir).unwrap().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["a", "b"]);
+        std::fs::write(dir.join("README.md"), b"").unwrap();
+        let e = format!("{:#}", cases(&dir).unwrap_err());
+        assert!(e.contains("README.md") && e.contains("not a volume"), "{e}");
+        std::fs::remove_file(dir.join("README.md")).unwrap();
+        std::fs::write(dir.join("a.nii.gz"), b"").unwrap();
+        let e = format!("{:#}", cases(&dir).unwrap_err());
+        assert!(e.contains("two volumes of case 'a'"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
