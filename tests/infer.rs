@@ -310,6 +310,7 @@ fn raw_logits_of_a_one_window_volume_equal_the_network_forward() {
         vectors: false,
         output_type: OutputType::Float32,
         range: None,
+        labels: None,
     };
     let job = Job {
         window,
@@ -407,6 +408,7 @@ fn run_on(device: Device, v: &InMemoryArray, shape: [usize; 3]) -> (Vec<Vec<f32>
         vectors: false,
         output_type: OutputType::Float32,
         range: None,
+        labels: None,
     };
     let targets = vec![target("sheet", 2, Activation::Softmax), target("normals", 3, Activation::None)];
     let job = Job { window, targets, provenance: serde_json::json!({"model": "tiny, seed 5"}) };

@@ -56,6 +56,7 @@ fn targets() -> Vec<OutputTarget> {
             vectors: false,
             output_type: OutputType::Uint8,
             range: None,
+            labels: None,
         },
         OutputTarget {
             name: "normals".into(),
@@ -64,6 +65,7 @@ fn targets() -> Vec<OutputTarget> {
             vectors: true,
             output_type: OutputType::Uint16,
             range: None,
+            labels: None,
         },
     ]
 }
@@ -351,7 +353,10 @@ fn infer_command_runs_from_a_config() {
             input.display().to_string(),
         ]);
         a.extend(["--output".into(), out.display().to_string(), "--output-targets".into(), "sheet".into()]);
-        a.extend(["--output-type", "float32", "--activation", "sheet=none"].map(String::from));
+        a.extend(
+            ["--output-type", "float32", "--activation", "sheet=none", "--save-probabilities"]
+                .map(String::from),
+        );
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };
@@ -406,6 +411,21 @@ fn infer_command_runs_from_a_config() {
     assert!(record.contains(r#""device":"sim""#) || record.contains(r#""device": "sim""#), "{record}");
     let err = common::rel_err(&on_sim, &logits);
     assert!(err < 1e-5, "sim vs cpu logits: relative error {err:.2e}");
+
+    // Without --save-probabilities the BCE target is a uint8 label map: 1 exactly where the logit
+    // is positive, whatever the activation and output type say.
+    let label_out = dir.join("out-labels");
+    let mut a = args(&[]);
+    a.retain(|x| x != "--save-probabilities");
+    let at = a.iter().position(|x| x == "--output").unwrap();
+    a[at + 1] = label_out.display().to_string();
+    Cli::try_parse_from(a).unwrap().run().unwrap();
+    let labels = ZarrArray::open(&label_out.join("predictions.zarr/sheet"), 1, &cache).unwrap();
+    assert_eq!(labels.dtype(), DType::U8);
+    let labels = labels.read([0; 3], SHAPE).unwrap();
+    let want: Vec<f32> = logits.iter().map(|&x| f32::from(x > 0.0)).collect();
+    assert_eq!(labels, want);
+    assert!(labels.contains(&0.0) && labels.contains(&1.0), "both classes occur");
 
     // A wrong flag names itself.
     let err =

@@ -80,7 +80,8 @@ impl DemoArgs {
     }
 }
 
-/// Dice of the predicted sheet probability (> 0.5) against the label over a whole volume.
+/// Dice of the predicted sheet (a 0/1 label map, or a probability with --save-probabilities:
+/// either is positive after subtracting 0.5 exactly where it is foreground) against the label.
 fn held_out_dice(prediction: &Path, truth: &Path) -> Result<f64> {
     let cache = ChunkCache::new(256 << 20);
     let read = |p: &Path| -> Result<Tensor> {
@@ -89,7 +90,6 @@ fn held_out_dice(prediction: &Path, truth: &Path) -> Result<f64> {
         Tensor::from_vec([1, s[0], s[1], s[2], 1], a.read([0; 3], s)?)
     };
     let (p, t) = (read(prediction)?, read(truth)?);
-    // p - 0.5 is positive exactly where the probability exceeds 0.5, as a logit would be.
     let shifted = Tensor::from_vec(p.dims().to_vec(), p.data().iter().map(|v| v - 0.5).collect())?;
     let mut counts = DiceCounts::default();
     counts.add(Decision::Threshold, &shifted, &t)?;

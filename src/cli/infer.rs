@@ -74,6 +74,10 @@ struct KeyFlags {
     /// three).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     mirroring: Option<bool>,
+    /// inference_config.save_probabilities: write label targets' probabilities (their activated
+    /// values) instead of label maps.
+    #[arg(long)]
+    save_probabilities: bool,
     /// The same as --mirroring false: one prediction per window.
     #[arg(long, conflicts_with = "mirroring")]
     no_mirroring: bool,
@@ -151,6 +155,9 @@ impl KeyFlags {
         }
         if let Some(t) = &self.output_type {
             set("output_type", yaml_str(t));
+        }
+        if self.save_probabilities {
+            set("save_probabilities", "true".to_string());
         }
         if let Some(m) = self.mirroring.or(self.no_mirroring.then_some(false)) {
             set("mirroring", m.to_string());
@@ -256,6 +263,7 @@ impl InferArgs {
                     vectors: TargetKind::of(t) == TargetKind::Vectors,
                     output_type: ic.output_type_for(t),
                     range: ic.value_range(t),
+                    labels: ic.label_rule(t),
                 }
             })
             .collect();

@@ -43,6 +43,29 @@ impl TargetConfig {
     pub fn is_normals(&self) -> bool {
         self.name.eq_ignore_ascii_case("normals")
     }
+
+    /// How this target's logits become a label map, by its loss: one class per voxel for the
+    /// softmax losses, one mask per channel for the sigmoid ones; None for values and vectors.
+    pub fn label_rule(&self) -> Option<LabelRule> {
+        if TargetKind::of(self) != TargetKind::Labels {
+            return None;
+        }
+        Some(match &self.loss {
+            Loss::DiceCe(_) | Loss::CrossEntropy(_) => LabelRule::Argmax,
+            _ => LabelRule::Threshold,
+        })
+    }
+}
+
+/// How blended logits become labels (nnU-Net's export): the logits decide, before any activation,
+/// so a label map is the same whatever `activation` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LabelRule {
+    /// The index of the largest channel (softmax targets): one channel of class indices.
+    Argmax,
+    /// 1 where a channel's logit is positive (its sigmoid above 0.5), per channel.
+    Threshold,
 }
 
 /// How a target's values move under augmentation and resampling.

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 
-use super::dataset::{Activation, TargetConfig, TargetKind, activation};
+use super::dataset::{Activation, LabelRule, TargetConfig, TargetKind, activation};
 use super::reader::{Section, boolean, choice, count_from, list_of, number, number_in, size3, string};
 use super::tree::Node;
 
@@ -42,6 +42,8 @@ pub struct InferenceConfig {
     pub activations: Vec<(String, Activation)>,
     /// Test-time augmentation (default on): average over the flips of the training's mirror axes.
     pub mirroring: bool,
+    /// Write label targets' activated values (probabilities) instead of their label maps.
+    pub save_probabilities: bool,
     /// (target, [lo, hi]): the values an integer output's 0..max stands for, per regression target.
     pub ranges: Vec<(String, [f64; 2])>,
     pub num_dataloader_workers: usize,
@@ -68,6 +70,11 @@ impl InferenceConfig {
             Activation::Sigmoid | Activation::Softmax => Some([0.0, 1.0]),
             Activation::None => None,
         }
+    }
+
+    /// How `target` is written as labels: its rule unless probabilities are asked for.
+    pub fn label_rule(&self, target: &TargetConfig) -> Option<LabelRule> {
+        target.label_rule().filter(|_| !self.save_probabilities)
     }
 
     pub fn activation(&self, target: &str) -> Option<Activation> {
@@ -152,6 +159,7 @@ pub(crate) fn read_inference_config(
         output_type,
         activations,
         mirroring: s.get("mirroring", true, &boolean)?,
+        save_probabilities: s.get("save_probabilities", false, &boolean)?,
         num_dataloader_workers: s.get("num_dataloader_workers", 4, &count_from(0))?,
         ranges,
     };

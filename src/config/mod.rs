@@ -22,7 +22,8 @@ use anyhow::{Context, Result, bail};
 
 pub use args::ConfigArgs;
 pub use dataset::{
-    Activation, DatasetConfig, NanPolicy, Normalization, Sampling, TargetConfig, TargetKind, VolumePaths,
+    Activation, DatasetConfig, LabelRule, NanPolicy, Normalization, Sampling, TargetConfig, TargetKind,
+    VolumePaths,
 };
 pub use inference::{InferenceConfig, OutputType};
 pub use train::{Augmentation, FOLDS, Fold, OptimizerConfig, TrConfig, TrSetup};

@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use super::gaussian::importance_map;
 use super::predictor::TilePredictor;
 use super::tiles::{Tile, TileGrid, overlap_box};
-use crate::config::{Activation, OutputType};
+use crate::config::{Activation, LabelRule, OutputType};
 use crate::data::VolumeArray;
 use crate::data::normalize::Normalizer;
 use crate::device::cpu::activation::{sigmoid_forward, softmax_forward};
@@ -38,6 +38,22 @@ pub struct OutputTarget {
     /// The values [lo, hi] an integer output's 0..max stands for (`inference_config.value_range`);
     /// vectors always span [-1, 1].
     pub range: Option<[f64; 2]>,
+    /// Written as a label map by this rule instead of as values (`activation`, `output_type` and
+    /// `range` then do not apply).
+    pub labels: Option<LabelRule>,
+}
+
+impl OutputTarget {
+    /// The channels and type of the written array: a class index per voxel for an argmax label
+    /// map (uint8 up to 256 classes), a 0/1 mask per channel for a thresholded one.
+    pub fn stored(&self) -> (usize, OutputType) {
+        match self.labels {
+            Some(LabelRule::Argmax) if self.channels > 256 => (1, OutputType::Uint16),
+            Some(LabelRule::Argmax) => (1, OutputType::Uint8),
+            Some(LabelRule::Threshold) => (self.channels, OutputType::Uint8),
+            None => (self.channels, self.output_type),
+        }
+    }
 }
 
 fn activation_name<S: serde::Serializer>(a: &Activation, s: S) -> Result<S::Ok, S::Error> {
@@ -315,6 +331,17 @@ impl Placement {
 /// range mapped onto the type's 0..max (the writer rounds and clamps).
 pub fn finish(target: &OutputTarget, logits: Vec<f32>) -> Vec<f32> {
     let c = target.channels;
+    match target.labels {
+        // The first of equal logits wins, as numpy's argmax.
+        Some(LabelRule::Argmax) => {
+            return logits
+                .par_chunks(c)
+                .map(|v| (0..c).fold(0, |best, k| if v[k] > v[best] { k } else { best }) as f32)
+                .collect();
+        }
+        Some(LabelRule::Threshold) => return logits.par_iter().map(|&x| f32::from(x > 0.0)).collect(),
+        None => {}
+    }
     let mut v = match target.activation {
         Activation::None => logits,
         Activation::Sigmoid => {
@@ -359,7 +386,15 @@ mod tests {
         output_type: OutputType,
         channels: usize,
     ) -> OutputTarget {
-        OutputTarget { name: "t".into(), channels, activation, vectors, output_type, range: None }
+        OutputTarget {
+            name: "t".into(),
+            channels,
+            activation,
+            vectors,
+            output_type,
+            range: None,
+            labels: None,
+        }
     }
 
     #[test]
@@ -380,5 +415,26 @@ mod tests {
             ..target(Activation::None, false, OutputType::Uint8, 1)
         };
         assert_eq!(finish(&t, vec![-10.0, 10.0, 30.0, 50.0]), vec![0.0, 127.5, 255.0, 382.5]);
+    }
+
+    #[test]
+    fn label_maps_from_logits() {
+        let argmax = OutputTarget {
+            labels: Some(LabelRule::Argmax),
+            ..target(Activation::Softmax, false, OutputType::Float32, 3)
+        };
+        assert_eq!(
+            finish(&argmax, vec![0.1, 2.0, -1.0, 5.0, 5.0, 0.0, -3.0, -2.0, -1.0]),
+            vec![1.0, 0.0, 2.0]
+        );
+        assert_eq!(argmax.stored(), (1, OutputType::Uint8));
+        let many = OutputTarget { channels: 300, ..argmax };
+        assert_eq!(many.stored(), (1, OutputType::Uint16));
+        let threshold = OutputTarget {
+            labels: Some(LabelRule::Threshold),
+            ..target(Activation::Sigmoid, false, OutputType::Float32, 2)
+        };
+        assert_eq!(finish(&threshold, vec![0.5, -0.5, 0.0, 3.0]), vec![1.0, 0.0, 0.0, 1.0]);
+        assert_eq!(threshold.stored(), (2, OutputType::Uint8));
     }
 }

@@ -222,9 +222,10 @@ pub fn run(job: &Job<'_>, opts: &RunOptions) -> Result<Summary> {
                 );
             }
             let values = finish(target, logits);
+            let channels = target.stored().0;
             writer.erase_region(lo, size)?;
             for (start, n) in blocks.chunks_in(lo, size) {
-                let data = sub_box(&values, size, target.channels, sub(start, lo), n);
+                let data = sub_box(&values, size, channels, sub(start, lo), n);
                 writer.write_region(start, n, &data)?;
             }
         }
@@ -377,11 +378,12 @@ fn open_store(
     job.targets
         .iter()
         .map(|t| {
+            let (channels, stored) = t.stored();
             let spec = ArraySpec {
                 shape: job.window.grid.shape,
-                channels: t.channels,
+                channels,
                 chunks: chunk,
-                dtype: dtype(t.output_type),
+                dtype: dtype(stored),
                 attributes: json!({"unet3d": {"target": t, "settings": settings}})
                     .as_object()
                     .cloned()
