@@ -120,8 +120,9 @@ fn whole_folder_with_mixed_dtypes_and_a_pasteable_config() {
     let dir = scratch_dir("folder");
     let out = dir.join("zarr");
     let cases = convert_dataset(&fixtures(), &out, &ConvertOptions::default()).unwrap();
-    assert_eq!(cases, vec![out.join("hippocampus_001.zarr"), out.join("hippocampus_003.zarr")]);
-    for (case, name) in cases.iter().zip(["hippocampus_001", "hippocampus_003"]) {
+    let names = ["hippocampus_001", "hippocampus_003", "hippocampus_004"];
+    assert_eq!(cases, names.map(|n| out.join(format!("{n}.zarr"))));
+    for (case, name) in cases.iter().zip(names) {
         // 001's image is uint8 and 003's float32: one dtype for the dataset, float32.
         let input = open(&case.join("input"));
         assert_eq!(input.dtype(), DType::F32);
@@ -140,14 +141,14 @@ fn whole_folder_with_mixed_dtypes_and_a_pasteable_config() {
     assert_eq!((ds.in_channels, ds.targets.len(), ds.targets[0].name.as_str()), (1, 1, "label"));
     assert_eq!((ds.targets[0].channels, ds.targets[0].loss_fn.as_str()), (3, "DiceCELoss"));
     let opened = Dataset::open(&ds, ChunkCache::new(1 << 24)).unwrap();
-    assert_eq!(opened.volumes.len(), 2);
+    assert_eq!(opened.volumes.len(), 3);
     assert_eq!(opened.volumes[1].name, "hippocampus_003.zarr");
 
     // A second run refuses before writing anything; --overwrite replaces.
     let err = format!("{:#}", convert_dataset(&fixtures(), &out, &ConvertOptions::default()).unwrap_err());
     assert!(err.contains("hippocampus_001.zarr") && err.contains("refusing to overwrite"), "{err}");
     let over = ConvertOptions { overwrite: true, ..Default::default() };
-    assert_eq!(convert_dataset(&fixtures(), &out, &over).unwrap().len(), 2);
+    assert_eq!(convert_dataset(&fixtures(), &out, &over).unwrap().len(), 3);
 }
 
 #[test]

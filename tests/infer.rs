@@ -13,7 +13,7 @@ use unet3d::data::{DType, InMemoryArray, VolumeArray};
 use unet3d::device::Device;
 use unet3d::infer::tiles::{overlap_box, steps};
 use unet3d::infer::{
-    Job, Mirroring, NetworkPredictor, OutputTarget, RunOptions, Shard, SlidingWindow, TileGrid,
+    Job, Layout, Mirroring, NetworkPredictor, OutputTarget, RunOptions, Shard, SlidingWindow, TileGrid,
     TilePredictor, gaussian, run,
 };
 use unet3d::model::{Network, init};
@@ -375,7 +375,7 @@ fn demo_sized_network_blends_the_same_bytes_whatever_the_box() {
 /// One unsharded job into `dir`, blocks of at most `block_bytes`.
 fn whole_job(dir: &std::path::Path, block_bytes: usize) -> RunOptions {
     RunOptions {
-        output_path: dir.to_path_buf(),
+        layout: Layout::new(dir),
         shard: Shard::WHOLE,
         overwrite: false,
         max_blocks: None,

@@ -15,7 +15,7 @@ use unet3d::data::finite::NanPolicy;
 use unet3d::data::normalize::Normalizer;
 use unet3d::data::zarr::{ArraySpec, ChunkCache, ZarrArray, ZarrWriter};
 use unet3d::data::{DType, InMemoryArray, VolumeArray};
-use unet3d::infer::{Job, NetworkPredictor, OutputTarget, RunOptions, SlidingWindow, Summary, run};
+use unet3d::infer::{Job, Layout, NetworkPredictor, OutputTarget, RunOptions, SlidingWindow, Summary, run};
 use unet3d::model::{Network, init, weights};
 
 const YAML: &str = "tr_setup: {autoconfigure: false}\n\
@@ -72,7 +72,7 @@ fn targets() -> Vec<OutputTarget> {
 
 fn options(dir: &Path, shard: &str) -> RunOptions {
     RunOptions {
-        output_path: dir.to_path_buf(),
+        layout: Layout::new(dir),
         shard: shard.parse().unwrap(),
         overwrite: false,
         max_blocks: None,

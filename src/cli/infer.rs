@@ -16,8 +16,10 @@ use crate::data::normalize::{Normalizer, VolumeStats};
 use crate::data::zarr::{ChunkCache, ZarrArray};
 use crate::data::{TargetKind, VolumeArray};
 use crate::device::Device;
+use crate::infer::cases::{self, CaseOutput, Inputs};
 use crate::infer::{
-    Job, Mirroring, NetworkPredictor, OutputTarget, RunOptions, ShardSpec, SlidingWindow, TilePredictor, run,
+    Job, Layout, Mirroring, NetworkPredictor, OutputTarget, RunOptions, Shard, ShardSpec, SlidingWindow,
+    Stop, TilePredictor, run,
 };
 use crate::model::{Network, init};
 use crate::train::checkpoint::ModelFile;
@@ -48,7 +50,8 @@ struct KeyFlags {
     /// inference_config.checkpoint_path: the weights (a training checkpoint or a weights file).
     #[arg(long)]
     checkpoint: Option<PathBuf>,
-    /// inference_config.input_path: the input array (e.g. data/vol.zarr/input).
+    /// inference_config.input_path: a Zarr array (data/vol.zarr/input), an OME-Zarr image, a NIfTI
+    /// file, a folder of NIfTI files and Zarr stores, or a .txt list of them.
     #[arg(long)]
     input: Option<String>,
     /// inference_config.output_path: predictions.zarr and .progress/ go here.
@@ -113,6 +116,9 @@ struct JobFlags {
     stop_after: Option<std::time::Duration>,
     #[command(flatten)]
     threads: ThreadArgs,
+    /// The array inside each Zarr store of a folder or list input.
+    #[arg(long, default_value = "input")]
+    input_array: String,
     /// Memory for the blending buffers in MB; sets the block size when the output is created.
     #[arg(long, default_value_t = 1024)]
     block_mb: usize,
@@ -217,6 +223,8 @@ impl InferArgs {
         let Some(input_path) = &ic.input_path else {
             bail!("inference_config.input_path is not set (or pass --input)");
         };
+        let inputs = cases::resolve(Path::new(input_path), &flags.input_array)
+            .with_context(|| format!("inference_config.input_path {input_path}"))?;
 
         let arch = config.architecture()?;
         if let Some(trained) = trained
@@ -274,52 +282,18 @@ impl InferArgs {
         let mirror_axes = if ic.mirroring && aug.enabled { aug.mirror_axes.clone() } else { Vec::new() };
         let network = NetworkPredictor::new(Network::new(&arch, &store)?, store, &names)?;
         let predictor = with_mirroring(network, &mirror_axes, &targets)?;
-
         let cache = ChunkCache::new(flags.cache_mb << 20);
-        let input = ZarrArray::open(Path::new(input_path), dc.in_channels, &cache)
-            .with_context(|| format!("inference_config.input_path {input_path}"))?;
-        let input = if dc.allow_missing_chunks { input } else { input.refusing_missing_chunks() };
-        let schemes = &dc.normalization;
-        let stats = if Normalizer::needs_volume_stats(schemes) {
-            // Every job needs the whole volume's statistics: reuse the first job's rather than
-            // read the volume again.
-            let recorded = if flags.overwrite { None } else { run::recorded_provenance(&ic.output_path)? };
-            let recorded =
-                recorded.map(serde_json::from_value::<Provenance>).transpose().with_context(|| {
-                    format!("{}: unreadable provenance", ic.output_path.join(".progress/run.json").display())
-                })?;
-            match recorded.filter(|p| p.input == *input_path).and_then(|p| p.volume_stats) {
-                Some(stats) => Some(stats),
-                None => Some(
-                    VolumeStats::compute(&input, dc.nan_policy)
-                        .with_context(|| format!("statistics of {input_path}"))?,
-                ),
-            }
-        } else {
-            None
-        };
-        let normalizer = Normalizer::new(schemes, input.dtype(), stats.as_ref(), ct.as_ref())
-            .with_context(|| format!("normalising {input_path}"))?
-            .with_nan_policy(dc.nan_policy);
-        let window = SlidingWindow::new(
-            &input,
-            &normalizer,
-            predictor.as_ref(),
-            targets.iter().map(|t| t.channels).collect(),
-            ic.patch_size,
-            ic.overlap,
-            ic.batch_size,
-        )?;
-        let provenance = serde_json::to_value(Provenance {
-            input: input_path.clone(),
+        let job = CaseJob {
+            config: &config,
+            predictor: predictor.as_ref(),
+            targets: &targets,
+            ct: ct.as_ref(),
             weights,
-            normalization: schemes.clone(),
-            volume_stats: stats,
-            mirroring_axes: mirror_axes,
-            device: device.to_string(),
-        })?;
-        let opts = RunOptions {
-            output_path: ic.output_path.clone(),
+            mirror_axes,
+            device,
+        };
+        let mut opts = RunOptions {
+            layout: Layout::new(&ic.output_path),
             shard,
             overwrite: flags.overwrite,
             max_blocks: flags.max_blocks,
@@ -329,29 +303,143 @@ impl InferArgs {
             show_progress: true,
         };
         let began = std::time::Instant::now();
-        let summary = run::run(&Job { window, targets, provenance }, &opts)?;
-        let secs = began.elapsed().as_secs_f64();
-        println!(
-            "unet3d infer shard {shard}: blocks {:?}: {} computed, {} already finished; {} windows in \
-             {secs:.1}s ({:.2} windows/s){}",
-            summary.blocks,
-            summary.computed,
-            summary.skipped,
-            summary.tiles,
-            summary.tiles as f64 / secs.max(1e-9),
-            if summary.done { "; this shard is complete" } else { "" }
-        );
-        println!("output: {}", ic.output_path.join("predictions.zarr").display());
-        if let Some(why) = summary.stopped {
-            let left = summary.blocks.len() - summary.skipped - summary.computed;
-            return Err(Unfinished(format!(
-                "unet3d infer shard {shard}: stopped with {left} blocks left ({why}); run the same command \
-                 again to continue (exit status {EXIT_RERUN})"
-            ))
-            .into());
+        let cases = match inputs {
+            Inputs::Volume(path) => {
+                let input = ZarrArray::open(&path, dc.in_channels, &cache)
+                    .with_context(|| format!("inference_config.input_path {input_path}"))?;
+                let input = if dc.allow_missing_chunks { input } else { input.refusing_missing_chunks() };
+                let summary = job.predict(&input, &path.display().to_string(), &opts)?;
+                report(&summary, shard, began);
+                println!("output: {}", opts.layout.store.display());
+                return match summary.stopped {
+                    Some(why) => {
+                        Err(stopped(shard, summary.blocks.len() - summary.skipped - summary.computed, why))
+                    }
+                    None => Ok(()),
+                };
+            }
+            Inputs::Cases(cases) => cases,
+        };
+        // Sharded jobs split the cases; each case is one job's whole.
+        let mine = shard.blocks(cases.len());
+        println!("{} cases, {} for shard {shard}", cases.len(), mine.len());
+        opts.shard = Shard::WHOLE;
+        let (mut done, mut skipped) = (0, 0);
+        for (n, case) in cases[mine.clone()].iter().enumerate() {
+            let out = CaseOutput::new(&ic.output_path, case, &targets);
+            if out.finished() && !flags.overwrite {
+                skipped += 1;
+                continue;
+            }
+            out.prepare(flags.overwrite)?;
+            let (input, header) = cases::open(case, dc.in_channels, dc.allow_missing_chunks, &cache)?;
+            println!("case {}/{} {}", n + 1, mine.len(), case.name);
+            opts.layout = out.layout.clone();
+            let summary = job.predict(input.as_ref(), input.name(), &opts)?;
+            if let Some(m) = &mut opts.max_blocks {
+                *m -= summary.computed;
+            }
+            if let Some(why) = summary.stopped {
+                let left = mine.len() - n;
+                return Err(Unfinished(format!(
+                    "unet3d infer shard {shard}: stopped in case {} with {left} cases left ({why}); run \
+                     the same command again to continue (exit status {EXIT_RERUN})",
+                    case.name
+                ))
+                .into());
+            }
+            out.complete(&targets, header.as_ref())?;
+            done += 1;
         }
+        println!(
+            "unet3d infer shard {shard}: {done} cases predicted, {skipped} already finished, in {:.1}s; \
+             output: {}",
+            began.elapsed().as_secs_f64(),
+            ic.output_path.display()
+        );
         Ok(())
     }
+}
+
+/// What every volume of one `infer` command shares.
+struct CaseJob<'a> {
+    config: &'a Config,
+    predictor: &'a dyn TilePredictor,
+    targets: &'a [OutputTarget],
+    ct: Option<&'a crate::data::normalize::CtStats>,
+    weights: Weights,
+    mirror_axes: Vec<usize>,
+    device: Device,
+}
+
+impl CaseJob<'_> {
+    /// Predicts one volume into `opts.layout` (resuming what an earlier run left there).
+    fn predict(&self, input: &dyn VolumeArray, input_name: &str, opts: &RunOptions) -> Result<run::Summary> {
+        let dc = &self.config.dataset_config;
+        let ic = &self.config.inference_config;
+        let schemes = &dc.normalization;
+        let stats = if Normalizer::needs_volume_stats(schemes) {
+            // Every job needs the whole volume's statistics: reuse the first job's rather than
+            // read the volume again.
+            let recorded = if opts.overwrite { None } else { run::recorded_provenance(&opts.layout)? };
+            let recorded =
+                recorded.map(serde_json::from_value::<Provenance>).transpose().with_context(|| {
+                    format!("{}: unreadable provenance", opts.layout.progress.join("run.json").display())
+                })?;
+            match recorded.filter(|p| p.input == input_name).and_then(|p| p.volume_stats) {
+                Some(stats) => Some(stats),
+                None => Some(
+                    VolumeStats::compute(input, dc.nan_policy)
+                        .with_context(|| format!("statistics of {input_name}"))?,
+                ),
+            }
+        } else {
+            None
+        };
+        let normalizer = Normalizer::new(schemes, input.dtype(), stats.as_ref(), self.ct)
+            .with_context(|| format!("normalising {input_name}"))?
+            .with_nan_policy(dc.nan_policy);
+        let window = SlidingWindow::new(
+            input,
+            &normalizer,
+            self.predictor,
+            self.targets.iter().map(|t| t.channels).collect(),
+            ic.patch_size,
+            ic.overlap,
+            ic.batch_size,
+        )?;
+        let provenance = serde_json::to_value(Provenance {
+            input: input_name.to_string(),
+            weights: self.weights.clone(),
+            normalization: schemes.clone(),
+            volume_stats: stats,
+            mirroring_axes: self.mirror_axes.clone(),
+            device: self.device.to_string(),
+        })?;
+        run::run(&Job { window, targets: self.targets.to_vec(), provenance }, opts)
+    }
+}
+
+fn report(summary: &run::Summary, shard: Shard, began: std::time::Instant) {
+    let secs = began.elapsed().as_secs_f64();
+    println!(
+        "unet3d infer shard {shard}: blocks {:?}: {} computed, {} already finished; {} windows in \
+         {secs:.1}s ({:.2} windows/s){}",
+        summary.blocks,
+        summary.computed,
+        summary.skipped,
+        summary.tiles,
+        summary.tiles as f64 / secs.max(1e-9),
+        if summary.done { "; this shard is complete" } else { "" }
+    );
+}
+
+fn stopped(shard: Shard, left: usize, why: Stop) -> anyhow::Error {
+    Unfinished(format!(
+        "unet3d infer shard {shard}: stopped with {left} blocks left ({why}); run the same command \
+         again to continue (exit status {EXIT_RERUN})"
+    ))
+    .into()
 }
 
 /// What decides an inference job's bytes besides the window and targets, recorded in run.json:
@@ -368,7 +456,7 @@ struct Provenance {
     device: String,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Weights {
     Checkpoint { path: PathBuf, crc32c: u32 },

@@ -91,6 +91,9 @@ pub struct NiftiHeader {
     pub scaling: Option<(f32, f32)>,
     vox_offset: usize,
     big_endian: bool,
+    /// The header as stored: a volume written in this image's geometry starts from it, so every
+    /// field a viewer reads (qform, sform, units, description) is the input's own.
+    raw: Vec<u8>,
 }
 
 /// A NIfTI image: its header and voxels.
@@ -265,7 +268,98 @@ fn parse_header(b: &[u8]) -> Result<NiftiHeader> {
         scaling,
         vox_offset: vox_offset as usize,
         big_endian,
+        raw: b[..HEADER_BYTES].to_vec(),
     })
+}
+
+impl NiftiType {
+    fn code(self) -> i16 {
+        match self {
+            NiftiType::U8 => 2,
+            NiftiType::I16 => 4,
+            NiftiType::I32 => 8,
+            NiftiType::F32 => 16,
+            NiftiType::F64 => 64,
+            NiftiType::I8 => 256,
+            NiftiType::U16 => 512,
+        }
+    }
+
+    /// `v` in this type's bytes: integers rounded and clamped to the type's range.
+    fn encode(self, v: f32, be: bool, out: &mut Vec<u8>) {
+        macro_rules! put {
+            ($x:expr) => {{
+                let x = $x;
+                out.extend_from_slice(&if be { x.to_be_bytes() } else { x.to_le_bytes() });
+            }};
+        }
+        let (lo, hi) = self.range();
+        let int = (v as f64).round().clamp(lo, hi);
+        match self {
+            NiftiType::U8 => out.push(int as u8),
+            NiftiType::I8 => out.push(int as i8 as u8),
+            NiftiType::I16 => put!(int as i16),
+            NiftiType::U16 => put!(int as u16),
+            NiftiType::I32 => put!(int as i32),
+            NiftiType::F32 => put!(v),
+            NiftiType::F64 => put!(v as f64),
+        }
+    }
+}
+
+/// Writes `data` ((D, H, W, C) channels-last, the shape of `like`) as a single-file NIfTI-1
+/// (gzip-compressed when the name ends in .gz) with `like`'s header, hence its affine, spacing
+/// and byte order, changed only where the voxels differ: dimensions, type, no intensity scaling,
+/// the voxels right after the header. Atomic: the file appears whole or not at all.
+pub fn write_like(
+    path: &Path,
+    like: &NiftiHeader,
+    data: &[f32],
+    channels: usize,
+    dtype: NiftiType,
+) -> Result<()> {
+    let voxels: usize = like.shape.iter().product();
+    ensure!(
+        data.len() == voxels * channels,
+        "{}: {} values for {:?} x {channels} channels",
+        path.display(),
+        data.len(),
+        like.shape
+    );
+    let be = like.big_endian;
+    let mut h = like.raw.clone();
+    let put = |h: &mut Vec<u8>, at: usize, b: &[u8]| h[at..at + b.len()].copy_from_slice(b);
+    let i16b = |v: i16| if be { v.to_be_bytes() } else { v.to_le_bytes() };
+    let f32b = |v: f32| if be { v.to_be_bytes() } else { v.to_le_bytes() };
+    let [d, hh, w] = like.shape;
+    let ndim = if channels > 1 { 4 } else { 3 };
+    for (k, v) in [ndim, w as i16, hh as i16, d as i16, channels as i16, 1, 1, 1].into_iter().enumerate() {
+        put(&mut h, 40 + 2 * k, &i16b(v));
+    }
+    put(&mut h, 70, &i16b(dtype.code()));
+    put(&mut h, 72, &i16b(8 * dtype.bytes() as i16));
+    put(&mut h, 108, &f32b(352.0));
+    for at in [112, 116, 124, 128] {
+        // scl_slope, scl_inter, cal_max, cal_min: the values are stored as they are.
+        put(&mut h, at, &f32b(0.0));
+    }
+    // The 4-byte extension flag (none), then the voxels: i fastest, then j, k and the channel.
+    h.extend_from_slice(&[0; 4]);
+    h.reserve(data.len() * dtype.bytes());
+    for ch in 0..channels {
+        for v in 0..voxels {
+            dtype.encode(data[v * channels + ch], be, &mut h);
+        }
+    }
+    let gz = path.extension().is_some_and(|e| e == "gz");
+    let bytes = if gz {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+        std::io::Write::write_all(&mut e, &h).with_context(|| format!("{}: compressing", path.display()))?;
+        e.finish().with_context(|| format!("{}: compressing", path.display()))?
+    } else {
+        h
+    };
+    crate::tensor::io::write_atomic(path, &bytes)
 }
 
 /// NIfTI method 2: rotation from the quaternion (b, c, d), scaled by pixdim with the qfac sign on k.
@@ -352,6 +446,47 @@ mod tests {
         std::fs::write(&p, bytes).unwrap();
         let err = format!("{:#}", read(&p).unwrap_err());
         assert!(err.contains("plain.nii") && err.contains("need 48"), "{err}");
+    }
+
+    /// A written volume reads back with the input's geometry and header, in both byte orders.
+    #[test]
+    fn written_like_an_input_keeps_its_geometry() {
+        let dir = std::env::temp_dir().join(format!("unet3d-nifti-write-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let values: Vec<i16> = (0..24).collect();
+        for be in [false, true] {
+            let src = dir.join(format!("in{be}.nii"));
+            let mut bytes = nii([4, 3, 2, 1], &values, be, 2.0, 1.0);
+            // An sform (code 2) with a rotation and an offset the output must keep.
+            bytes[254..256].copy_from_slice(&if be { 2i16.to_be_bytes() } else { 2i16.to_le_bytes() });
+            for (k, v) in
+                [0.0f32, -0.5, 0.0, 10.0, 2.0, 0.0, 0.0, -3.0, 0.0, 0.0, 3.0, 7.0].iter().enumerate()
+            {
+                let b = if be { v.to_be_bytes() } else { v.to_le_bytes() };
+                bytes[280 + 4 * k..284 + 4 * k].copy_from_slice(&b);
+            }
+            std::fs::write(&src, &bytes).unwrap();
+            let input = read_header(&src).unwrap();
+            let labels: Vec<f32> = (0..24).map(|v| (v % 3) as f32).collect();
+            for (name, dtype) in [("l.nii.gz", NiftiType::U8), ("f.nii", NiftiType::F32)] {
+                let out = dir.join(format!("{be}{name}"));
+                write_like(&out, &input, &labels, 1, dtype).unwrap();
+                let back = read(&out).unwrap();
+                assert_eq!(back.data, labels);
+                let h = back.header;
+                assert_eq!((h.shape, h.channels, h.dtype, h.scaling), (input.shape, 1, dtype, None));
+                assert_eq!((h.affine, h.spacing, h.big_endian), (input.affine, input.spacing, be));
+            }
+            // Two channels go to the 4th axis; integers round and clamp.
+            let two: Vec<f32> = (0..48).map(|v| v as f32 * 7.6 - 20.0).collect();
+            let out = dir.join(format!("{be}two.nii"));
+            write_like(&out, &input, &two, 2, NiftiType::U8).unwrap();
+            let back = read(&out).unwrap();
+            assert_eq!(back.header.channels, 2);
+            let want: Vec<f32> = two.iter().map(|v| v.round().clamp(0.0, 255.0)).collect();
+            assert_eq!(back.data, want);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// Header values that would crash or exhaust memory are errors naming the file and field.

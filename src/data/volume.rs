@@ -170,4 +170,43 @@ mod tests {
         assert!(e.contains("two volumes of case 'a'"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// Zarr volumes: the array inside a store, its spacing from its own attribute or from the
+    /// parent image's OME-Zarr multiscales scale.
+    #[test]
+    fn zarr_volumes_with_their_spacing() {
+        use crate::data::DType;
+        use crate::data::zarr::{ArraySpec, ZarrWriter};
+        let dir = std::env::temp_dir().join(format!("unet3d-volume-zarr-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let values: Vec<f32> = (0..24).map(|v| (v % 3) as f32).collect();
+        let write = |path: &Path, attributes: serde_json::Value| {
+            let spec = ArraySpec {
+                shape: [2, 3, 4],
+                channels: 1,
+                chunks: [2, 3, 4],
+                dtype: DType::U8,
+                attributes: attributes.as_object().cloned().unwrap_or_default(),
+            };
+            ZarrWriter::create(path, &spec, false).unwrap().write_region([0; 3], [2, 3, 4], &values).unwrap();
+        };
+        let store = dir.join("case.zarr");
+        write(&store.join("label"), serde_json::json!({"spacing": [3.0, 1.0, 0.5]}));
+        std::fs::write(store.join("zarr.json"), r#"{"zarr_format":3,"node_type":"group","attributes":{}}"#)
+            .unwrap();
+        let v = read(&store, Some("label")).unwrap();
+        assert_eq!((v.shape, v.channels, v.spacing), ([2, 3, 4], 1, Some([3.0, 1.0, 0.5])));
+        assert_eq!(v.data, values);
+        let image = dir.join("img.zarr");
+        write(&image.join("0"), serde_json::json!({}));
+        let ome = serde_json::json!({"zarr_format": 3, "node_type": "group", "attributes": {"ome": {
+            "version": "0.5",
+            "multiscales": [{"datasets": [{"path": "0", "coordinateTransformations": [
+                {"type": "scale", "scale": [2.0, 0.7, 0.7]}]}]}]}}});
+        std::fs::write(image.join("zarr.json"), ome.to_string()).unwrap();
+        assert_eq!(read(&image.join("0"), None).unwrap().spacing, Some([2.0, 0.7, 0.7]));
+        let e = format!("{:#}", read(&store, None).unwrap_err());
+        assert!(e.contains("a Zarr group"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

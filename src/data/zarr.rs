@@ -679,7 +679,13 @@ impl ZarrWriter {
 
 /// Whether `path` holds a Zarr array's metadata (v3 `zarr.json` or v2 `.zarray`).
 pub fn has_array_metadata(path: &Path) -> bool {
-    path.join("zarr.json").is_file() || path.join(".zarray").is_file()
+    // A v3 zarr.json may be a group's; one that does not parse is left to the reader to report.
+    let v3_array = || {
+        let meta = std::fs::read_to_string(path.join("zarr.json")).ok()?;
+        let node = serde_json::from_str::<serde_json::Value>(&meta).ok().map(|m| m["node_type"].clone());
+        Some(node.is_none_or(|n| n == "array"))
+    };
+    path.join(".zarray").is_file() || v3_array().unwrap_or(false)
 }
 
 /// Removes the Zarr array at `path`, refusing anything that is not one: a name that ends up

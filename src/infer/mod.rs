@@ -1,6 +1,7 @@
 //! Inference: Gaussian sliding window over volumes larger than memory, streamed to Zarr, sharded across jobs.
 
 pub mod blend;
+pub mod cases;
 pub mod gaussian;
 pub mod predictor;
 pub mod run;
@@ -9,6 +10,6 @@ pub mod tiles;
 
 pub use blend::{OutputTarget, SlidingWindow, finish};
 pub use predictor::{Mirroring, NetworkPredictor, TilePredictor};
-pub use run::{Job, RunOptions, Stop, Summary, run};
+pub use run::{Job, Layout, RunOptions, Stop, Summary, run};
 pub use shard::{Blocks, Shard, ShardSpec};
 pub use tiles::{Tile, TileGrid};

@@ -50,7 +50,8 @@ pub struct Job<'a> {
 /// How a job runs; none of this changes the output bytes.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
-    pub output_path: PathBuf,
+    /// Where the arrays and the progress records go.
+    pub layout: Layout,
     pub shard: Shard,
     /// Replace an existing output (only for a single job: sharded jobs would wipe each other's).
     pub overwrite: bool,
@@ -106,12 +107,14 @@ impl fmt::Display for Stop {
 }
 
 /// The store's paths.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
     pub store: PathBuf,
     pub progress: PathBuf,
 }
 
 impl Layout {
+    /// One volume's output: `<output_path>/predictions.zarr` and `<output_path>/.progress`.
     pub fn new(output_path: &Path) -> Layout {
         Layout { store: output_path.join("predictions.zarr"), progress: output_path.join(".progress") }
     }
@@ -151,9 +154,9 @@ fn dtype(t: OutputType) -> DType {
     }
 }
 
-/// Runs `job` into `opts.output_path`.
+/// Runs `job` into `opts.layout`.
 pub fn run(job: &Job<'_>, opts: &RunOptions) -> Result<Summary> {
-    let layout = Layout::new(&opts.output_path);
+    let layout = &opts.layout;
     let grid = &job.window.grid;
     let chunk: [usize; 3] = std::array::from_fn(|a| grid.patch[a].min(grid.shape[a]));
     let settings = json!({
@@ -166,8 +169,8 @@ pub fn run(job: &Job<'_>, opts: &RunOptions) -> Result<Summary> {
     });
     let bytes_per_voxel = 4 * (1 + job.targets.iter().map(|t| t.channels).sum::<usize>());
     let blocks = Blocks::fitting(grid.shape, chunk, bytes_per_voxel, opts.block_bytes)?;
-    let writers = open_store(&layout, job, opts, &settings, blocks, chunk)?;
-    let blocks = read_record(&layout)?.1;
+    let writers = open_store(layout, job, opts, &settings, blocks, chunk)?;
+    let blocks = read_record(layout)?.1;
 
     let mine = opts.shard.blocks(blocks.len());
     if opts.show_progress && blocks.len() >= LISTING_NOTE_BLOCKS {
@@ -294,12 +297,11 @@ fn sub_box(values: &[f32], size: [usize; 3], c: usize, at: [usize; 3], n: [usize
 
 /// The provenance recorded in an existing output, if any: what a later job can reuse (the input's
 /// statistics) instead of recomputing it.
-pub fn recorded_provenance(output_path: &Path) -> Result<Option<Value>> {
-    let layout = Layout::new(output_path);
+pub fn recorded_provenance(layout: &Layout) -> Result<Option<Value>> {
     if !layout.record().exists() {
         return Ok(None);
     }
-    Ok(Some(read_record(&layout)?.0["provenance"].clone()))
+    Ok(Some(read_record(layout)?.0["provenance"].clone()))
 }
 
 fn read_record(layout: &Layout) -> Result<(Value, Blocks)> {
@@ -344,7 +346,7 @@ fn open_store(
             opts.shard.count == 1,
             "--overwrite with --shard {}: each job would wipe the others' chunks; remove {} once instead",
             opts.shard,
-            opts.output_path.display()
+            layout.store.display()
         );
         remove_earlier(layout, job)?;
     } else if !layout.record().exists() {
@@ -370,7 +372,7 @@ fn open_store(
                 "{}: holds a prediction made with other settings; refusing to mix them (pass \
                  --overwrite to replace it, or choose another output_path). Differences (existing vs \
                  this run):\n  {}",
-                opts.output_path.display(),
+                layout.store.display(),
                 diffs.join("\n  ")
             );
         }

@@ -1,0 +1,123 @@
+//! The user's path end to end: convert three hippocampus cases, train a tiny model for a few
+//! steps, predict the NIfTI folder into NIfTI label maps in the inputs' geometry, and score them
+//! with `unet3d evaluate`, whose Dice this test recomputes from the files itself.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{fixture_path, scratch_dir};
+use unet3d::data::nifti;
+
+fn unet3d(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_unet3d")).args(args).output().unwrap()
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "stdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+const CASES: [&str; 3] = ["hippocampus_001", "hippocampus_003", "hippocampus_004"];
+
+#[test]
+fn convert_train_predict_a_nifti_folder_and_evaluate() {
+    let dir = scratch_dir("predict-evaluate");
+    let data = fixture_path("hippocampus");
+    let zarr = dir.join("zarr");
+    ok(unet3d(&["convert", "--dataset", s(&data), "--out", s(&zarr)]));
+    let dataset = std::fs::read_to_string(zarr.join("volumes.yaml")).unwrap();
+    let ckpt = dir.join("ckpt");
+    let yaml = format!(
+        "tr_setup: {{model_name: hippo, ckpt_out_base: {ckpt:?}, tensorboard_log_dir: {tb:?}, device: cpu, \
+         seed: 3, tr_val_split: 0.34}}\n\
+         tr_config: {{patch_size: [16, 16, 16], batch_size: 2, max_epoch: 1, max_steps_per_epoch: 3, \
+         max_val_steps_per_epoch: 1, num_dataloader_workers: 1, initial_lr: 0.01}}\n\
+         model_config: {{base_features: 4, max_features: 16}}\n{dataset}",
+        tb = dir.join("tb"),
+    );
+    let config = dir.join("hippo.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    ok(unet3d(&["train", "--config", s(&config)]));
+    let model = ckpt.join("hippo_final.safetensors");
+    assert!(model.is_file(), "the final model");
+
+    // The model alone (no --config) predicts the image folder into label/<case>.nii.gz.
+    let pred = dir.join("pred");
+    let images = data.join("imagesTr");
+    let predict = ["infer", "--checkpoint", s(&model), "--input", s(&images), "--output", s(&pred)];
+    let stdout = ok(unet3d(&predict));
+    assert!(stdout.contains("3 cases"), "{stdout}");
+    for case in CASES {
+        let image = nifti::read_header(&images.join(format!("{case}.nii.gz"))).unwrap();
+        let label = nifti::read(&pred.join(format!("label/{case}.nii.gz"))).unwrap();
+        let h = &label.header;
+        assert_eq!((h.shape, h.channels, h.affine, h.spacing), (image.shape, 1, image.affine, image.spacing));
+        assert_eq!(h.dtype, nifti::NiftiType::U8);
+        assert!(label.data.iter().all(|&v| v == 0.0 || v == 1.0 || v == 2.0), "{case}: labels 0..2");
+        assert!(pred.join(format!(".progress/{case}.done")).is_file());
+    }
+    assert!(!pred.join(".work/hippocampus_001.zarr").exists(), "working stores are removed");
+    // A rerun skips the finished cases and changes nothing.
+    let before = common::files_under(&pred);
+    let stdout = ok(unet3d(&predict));
+    assert!(stdout.contains("0 cases predicted, 3 already finished"), "{stdout}");
+    assert_eq!(common::files_under(&pred), before);
+
+    // evaluate's Dice against one computed here from the two files.
+    let summary = dir.join("summary.json");
+    let refs = data.join("labelsTr");
+    ok(unet3d(&[
+        "evaluate",
+        "--pred",
+        s(&pred.join("label")),
+        "--ref",
+        s(&refs),
+        "--labels",
+        "1,2",
+        "--output",
+        s(&summary),
+    ]));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    for (k, case) in CASES.iter().enumerate() {
+        let p = nifti::read(&pred.join(format!("label/{case}.nii.gz"))).unwrap().data;
+        let r = nifti::read(&refs.join(format!("{case}.nii.gz"))).unwrap().data;
+        for label in [1.0f32, 2.0] {
+            let tp = p.iter().zip(&r).filter(|(a, b)| **a == label && **b == label).count() as f64;
+            let np = p.iter().filter(|&&a| a == label).count() as f64;
+            let nr = r.iter().filter(|&&b| b == label).count() as f64;
+            let dice = 2.0 * tp / (np + nr);
+            let got = &summary["metric_per_case"][k]["metrics"][(label as u32).to_string()];
+            assert_eq!(got["TP"].as_f64(), Some(tp), "{case} {label}");
+            assert!((got["Dice"].as_f64().unwrap() - dice).abs() < 1e-12, "{case} {label}: {got} vs {dice}");
+        }
+    }
+
+    // The output folder refuses files it did not write; a folder with a stray file names it.
+    let foreign = dir.join("foreign");
+    std::fs::create_dir_all(foreign.join("label")).unwrap();
+    std::fs::write(foreign.join("label/hippocampus_001.nii.gz"), b"mine").unwrap();
+    let out = unet3d(&["infer", "--checkpoint", s(&model), "--input", s(&images), "--output", s(&foreign)]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("refusing to overwrite"), "{e}");
+    assert_eq!(std::fs::read(foreign.join("label/hippocampus_001.nii.gz")).unwrap(), b"mine");
+    let stray: PathBuf = dir.join("stray");
+    std::fs::create_dir_all(&stray).unwrap();
+    std::fs::copy(images.join("hippocampus_001.nii.gz"), stray.join("hippocampus_001.nii.gz")).unwrap();
+    std::fs::write(stray.join("notes.txt"), b"x").unwrap();
+    let out =
+        unet3d(&["infer", "--checkpoint", s(&model), "--input", s(&stray), "--output", s(&dir.join("o"))]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("notes.txt") && e.contains("not a volume"), "{e}");
+}
