@@ -11,9 +11,9 @@ use unet3d::arch::Architecture;
 use unet3d::autograd::ParamStore;
 use unet3d::config::Config;
 use unet3d::model::{init, weights};
-use unet3d::optim::{Adam, AdamHyper, Optimizer};
+use unet3d::optim::{Adam, AdamHyper, AdamMeta, LrSchedule, Optimizer, OptimizerMeta};
 use unet3d::tensor::Tensor;
-use unet3d::train::checkpoint::{self, FORMAT_VERSION, TrainingState};
+use unet3d::train::checkpoint::{self, FORMAT_VERSION, ScheduleRecord, TrainingState};
 use unet3d::train::folder::{self, CheckpointName, Kind, RunFolder, Start};
 
 /// The name `folder` gives a checkpoint of `model`'s run `run`.
@@ -46,10 +46,11 @@ fn state(epochs_done: usize) -> TrainingState {
         ema_dice: Some(0.5),
         best_ema_dice: Some(0.5),
         best_epoch: Some(epochs_done),
-        optimizer: serde_json::Value::Null,
-        schedule: "Cosine".into(),
+        optimizer: None,
+        schedule: Some(ScheduleRecord { schedule: LrSchedule::Cosine { max_epochs: 3 }, initial_lr: 1e-3 }),
         config_yaml: "tr_setup: {}".into(),
         config_sets: vec!["tr_config.batch_size=2".into()],
+        config_dir: None,
         ct_stats: None,
     }
 }
@@ -90,7 +91,7 @@ fn round_trip_keeps_weights_moments_and_state() {
         assert_eq!(ck.optimizer.tensors[name].data(), t.data(), "{name}");
     }
     assert_eq!(ck.optimizer.meta, adam.export_state().unwrap().meta);
-    assert_eq!(ck.state, TrainingState { optimizer: adam.export_state().unwrap().meta, ..state(1) });
+    assert_eq!(ck.state, TrainingState { optimizer: Some(adam.export_state().unwrap().meta), ..state(1) });
     // The imported optimizer continues as the original does.
     let mut resumed = Adam::new(AdamHyper::default()).unwrap();
     resumed.import_state(&ck.store, &ck.optimizer).unwrap();
@@ -338,4 +339,24 @@ fn weights_with_nan_are_refused_naming_the_tensor() {
     weights::save(&path, &arch, &store).unwrap();
     let e = format!("{:#}", checkpoint::load_weights(&path, &arch).err().unwrap());
     assert!(e.contains("w.safetensors") && e.contains(&name) && e.contains("NaN"), "{e}");
+}
+
+/// A training state written before the schedule and optimizer were typed reads back: the
+/// optimizer's JSON had the same layout, the schedule sentence is dropped.
+#[test]
+fn training_state_of_an_older_unet3d_reads_back() {
+    let mut json = serde_json::to_value(state(2)).unwrap();
+    json["schedule"] = "Cosine { max_epochs: 3 } from lr 0.001".into();
+    json["optimizer"] = serde_json::json!({
+        "optimizer": "AdamW", "lr": 0.001, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01,
+        "step": {"enc.conv.weight": 4}
+    });
+    json.as_object_mut().unwrap().remove("config_dir");
+    let old: TrainingState = serde_json::from_value(json).unwrap();
+    assert_eq!(old.schedule, None);
+    assert_eq!(old.config_dir, None);
+    let Some(OptimizerMeta::AdamW(AdamMeta { lr, step, .. })) = old.optimizer else {
+        panic!("{:?}", old.optimizer)
+    };
+    assert_eq!((lr, step["enc.conv.weight"]), (0.001, 4));
 }

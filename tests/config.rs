@@ -84,7 +84,8 @@ fn reference_keys() -> Vec<(String, String, Value)> {
 
 #[test]
 fn reference_yaml_documents_exactly_the_keys_read() {
-    let parsed = load("reference.yaml", &[]).unwrap();
+    // As text: its defaults compare with the built-in ones without resolving paths against tasks/.
+    let parsed = parse(&std::fs::read_to_string(task("reference.yaml")).unwrap(), &[]).unwrap();
     assert!(parsed.warnings.is_empty(), "every key of reference.yaml is read: {:#?}", parsed.warnings);
     let documented: BTreeSet<String> =
         reference_keys().into_iter().map(|(_, s, _)| s).filter(|s| !s.is_empty()).collect();
@@ -271,6 +272,29 @@ fn missing_sections_and_keys_take_the_defaults() {
     assert_eq!((c.inference_config.patch_size, c.inference_config.batch_size), ([64; 3], 3));
 }
 
+/// A config file's relative paths mean the same from any working folder; a `--set` is typed in
+/// the working folder and stays relative to it; a config given as text resolves nothing.
+#[test]
+fn relative_paths_resolve_against_the_config_file() {
+    let dir = std::env::temp_dir().join(format!("unet3d-config-paths-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let yaml = "tr_setup: {ckpt_out_base: ck, tensorboard_log_dir: /abs/tb}\n\
+        dataset_config:\n  targets: {ink: {channels: 1}}\n  volume_paths:\n    - {input: v/in.zarr, ink: v/ink.zarr, ref_label: ink}\n\
+        inference_config: {output_path: out}\n";
+    std::fs::write(dir.join("c.yaml"), yaml).unwrap();
+    let c = Config::load(&dir.join("c.yaml"), &["inference_config.input_path=x.zarr".into()]).unwrap().config;
+    assert_eq!(c.tr_setup.ckpt_out_base, dir.join("ck"));
+    assert_eq!(c.tr_setup.tensorboard_log_dir, PathBuf::from("/abs/tb"));
+    let v = &c.dataset_config.volume_paths[0];
+    assert_eq!((v.input.as_str(), v.ref_label.as_str()), (dir.join("v/in.zarr").to_str().unwrap(), "ink"));
+    assert_eq!(v.targets[0].1, dir.join("v/ink.zarr").display().to_string());
+    assert_eq!(c.inference_config.output_path, dir.join("out"));
+    assert_eq!(c.inference_config.input_path.as_deref(), Some("x.zarr"));
+    let text = parse(yaml, &[]).unwrap().config;
+    assert_eq!(text.tr_setup.ckpt_out_base, PathBuf::from("ck"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn the_seed_example_parses_with_one_warning_per_ignored_key() {
     let p = load("seed-example.yaml", &[]).unwrap();
@@ -308,8 +332,10 @@ fn the_seed_example_parses_with_one_warning_per_ignored_key() {
     let i = &c.inference_config;
     assert_eq!(i.output_type, Some(OutputType::Uint8), "np.uint8");
     assert_eq!((i.overlap, i.patch_size, i.batch_size), (0.1, [128; 3], 4));
-    assert_eq!(i.checkpoint_path, Some(PathBuf::from("./checkpoints/ckpt.pth")));
-    assert_eq!(i.input_path.as_deref(), Some("./data/0901/layers.zarr"));
+    // Relative paths resolve against the config's folder, absolute ones stay.
+    assert_eq!(i.checkpoint_path, Some(task("./checkpoints/ckpt.pth")));
+    assert_eq!(i.input_path, Some(task("./data/0901/layers.zarr").display().to_string()));
+    assert_eq!(c.tr_setup.ckpt_out_base, task("./checkpoints"));
 
     // The seed's autoconfigure on 14 x 128 x 128 (reference-spec 1.6's table: z pooled once), with
     // nnU-Net's 320 cap.

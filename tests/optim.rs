@@ -6,7 +6,8 @@ use common::{assert_close, fixture, fixture_meta, fixture_path};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use std::collections::HashMap;
 use unet3d::optim::{
-    Adam, AdamHyper, LrSchedule, Optimizer, OptimizerState, Sgd, SgdHyper, clip_grad_norm, grad_norm,
+    Adam, AdamHyper, LrSchedule, Optimizer, OptimizerMeta, OptimizerState, Sgd, SgdHyper, clip_grad_norm,
+    grad_norm,
 };
 use unet3d::tensor::io;
 use unet3d::{ParamStore, Tensor};
@@ -305,7 +306,7 @@ fn exported_state_resumes_identically() {
             opt.step(&mut store).unwrap();
         }
         let state = opt.export_state().unwrap();
-        assert_eq!(state.meta["optimizer"], kind);
+        assert_eq!(state.meta.kind(), kind);
         let slots: &[&str] = if kind == "SGD" { &["momentum_buffer"] } else { &["exp_avg", "exp_avg_sq"] };
         let mut want: Vec<String> = slots
             .iter()
@@ -313,14 +314,16 @@ fn exported_state_resumes_identically() {
             .collect();
         want.sort();
         assert_eq!(state.tensors.keys().cloned().collect::<Vec<_>>(), want, "{kind}");
+        let json = serde_json::to_value(&state.meta).unwrap();
+        assert_eq!(json["optimizer"], kind);
         if kind != "SGD" {
-            assert_eq!(state.meta["step"]["enc.conv.weight"], 2);
+            assert_eq!(json["step"]["enc.conv.weight"], 2);
         }
 
         // Through a checkpoint file: tensors as safetensors, metadata as one JSON string.
         let path = dir.join(format!("{kind}.safetensors"));
         let named: Vec<(&str, &Tensor)> = state.tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        let meta = HashMap::from([("optimizer".to_string(), state.meta.to_string())]);
+        let meta = HashMap::from([("optimizer".to_string(), json.to_string())]);
         io::save(&path, &named, Some(meta)).unwrap();
         let file = io::load(&path).unwrap();
         let loaded = OptimizerState {
@@ -403,17 +406,26 @@ fn importing_a_wrong_state_names_what_is_wrong() {
     assert!(e.contains("unknown slot 'momentum_buffer'"), "{e}");
 
     let s = edit(&|s| {
-        s.meta["step"].as_object_mut().unwrap().remove("enc.conv.bias");
+        if let OptimizerMeta::Adam(m) | OptimizerMeta::AdamW(m) = &mut s.meta {
+            m.step.remove("enc.conv.bias");
+        }
     });
     let e = err(&mut adam, &s);
     assert!(e.contains("'enc.conv.bias'") && e.contains("step"), "{e}");
-
     let s = edit(&|s| {
-        s.meta.as_object_mut().unwrap().remove("eps");
+        s.meta = OptimizerMeta::Sgd(SgdHyper { lr: 0.1, momentum: 0.9, nesterov: true, weight_decay: 0.0 })
     });
-    assert!(err(&mut adam, &s).contains("'eps'"));
-    let s = edit(&|s| s.meta["betas"] = serde_json::json!("0.9"));
-    assert!(err(&mut adam, &s).contains("'betas'"));
+    let e = err(&mut adam, &s);
+    assert!(e.contains("for SGD") && e.contains("is AdamW"), "{e}");
+
+    // Recorded JSON that lacks a key or holds the wrong type does not parse, naming the field.
+    let mut json = serde_json::to_value(&good.meta).unwrap();
+    json.as_object_mut().unwrap().remove("eps");
+    let e = serde_json::from_value::<OptimizerMeta>(json).unwrap_err().to_string();
+    assert!(e.contains("eps"), "{e}");
+    let mut json = serde_json::to_value(&good.meta).unwrap();
+    json["betas"] = serde_json::json!("0.9");
+    assert!(serde_json::from_value::<OptimizerMeta>(json).is_err());
 
     // A failed import leaves the optimizer as it was.
     let before = adam.export_state().unwrap();

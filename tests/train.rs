@@ -112,7 +112,7 @@ dataset_config:
 fn trainer(yaml: &str, sets: &[&str]) -> Result<Trainer> {
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
     let config = Config::parse(yaml, &sets)?.config;
-    let mut t = Trainer::new(config, ConfigSource { yaml: yaml.to_string(), sets })?;
+    let mut t = Trainer::new(config, ConfigSource { yaml: yaml.to_string(), sets, dir: None })?;
     t.progress = false;
     Ok(t)
 }
@@ -412,7 +412,7 @@ fn a_seed_yaml_runs_with_its_ignored_keys() {
             parsed.warnings
         );
     }
-    let mut t = Trainer::new(parsed.config, ConfigSource { yaml, sets }).unwrap();
+    let mut t = Trainer::new(parsed.config, ConfigSource { yaml, sets, dir: None }).unwrap();
     t.progress = false;
     let mut data = Balls { seg: "ink", with_dist: false, ..Balls::new(t.architecture(), 2, 1) };
     let run = t.run(&mut data, None).unwrap();
@@ -542,7 +542,7 @@ fn ct_statistics_travel_with_the_model() {
         example("ct", 16, 3, "max_epoch: 1, max_steps_per_epoch: 1, max_val_steps_per_epoch: 1");
     let sets = vec!["dataset_config.normalization=ct".to_string()];
     let config = Config::parse(&y, &sets).unwrap().config;
-    let mut t = Trainer::new(config.clone(), ConfigSource { yaml: y.clone(), sets }).unwrap();
+    let mut t = Trainer::new(config.clone(), ConfigSource { yaml: y.clone(), sets, dir: None }).unwrap();
     t.progress = false;
     let mut source = LoaderSource::new(&config, t.architecture()).unwrap();
     let run = t.run(&mut source, None).unwrap();
@@ -709,7 +709,8 @@ dataset_config:
     let train_fold = |fold: &str| {
         let sets = vec![format!("tr_setup.fold={fold}")];
         let config = Config::parse(&yaml, &sets).unwrap().config;
-        let mut t = Trainer::new(config.clone(), ConfigSource { yaml: yaml.clone(), sets }).unwrap();
+        let mut t =
+            Trainer::new(config.clone(), ConfigSource { yaml: yaml.clone(), sets, dir: None }).unwrap();
         t.progress = false;
         let mut source = LoaderSource::new(&config, t.architecture()).unwrap();
         t.run(&mut source, None).unwrap()

@@ -11,15 +11,13 @@ use crate::data::VolumeArray;
 use crate::data::example::{ExampleOptions, write_example_data};
 use crate::data::zarr::{ChunkCache, ZarrArray};
 use crate::infer::run::Layout;
-use crate::tensor::{Tensor, io::write_atomic};
+use crate::tensor::Tensor;
 use crate::train::metrics::{Decision, DiceCounts};
 use crate::train::trainer::ConfigSource;
 
 /// The demo's config; its paths are relative to the working directory (./demo).
 const DEMO_YAML: &str = include_str!("../../tasks/demo.yaml");
 const DATA_DIR: &str = "demo/data";
-/// Where the config is written for `unet3d infer` (and for the user to copy).
-const CONFIG_COPY: &str = "demo/demo.yaml";
 
 /// Train a small multi-task model on synthetic data on the CPU (a few minutes), predict a held-out
 /// volume and print the metrics reached. Everything goes under ./demo.
@@ -44,13 +42,12 @@ impl DemoArgs {
                 .with_context(|| format!("writing the example data to {DATA_DIR}"))?;
             println!("example data: wrote {} volumes of {}^3 to {DATA_DIR}", opts.volumes, opts.size);
         }
-        write_atomic(Path::new(CONFIG_COPY), DEMO_YAML.as_bytes())?;
         let parsed = Config::parse(DEMO_YAML, &self.set).context("tasks/demo.yaml")?;
         for w in &parsed.warnings {
             eprintln!("warning: {w}");
         }
         let config = parsed.config;
-        let source = ConfigSource { yaml: DEMO_YAML.to_string(), sets: self.set.clone() };
+        let source = ConfigSource { yaml: DEMO_YAML.to_string(), sets: self.set.clone(), dir: None };
         let summary = super::train::train(config.clone(), source, self.overwrite)?;
         let final_model =
             summary.final_model.clone().context("the demo's training stopped before max_epoch")?;
@@ -58,10 +55,9 @@ impl DemoArgs {
         let ic = &config.inference_config;
         let input =
             ic.input_path.clone().context("tasks/demo.yaml: inference_config.input_path is not set")?;
-        let mut argv: Vec<String> = ["unet3d", "infer", "--config", CONFIG_COPY, "--checkpoint"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        // The model carries its config (paths relative to the working folder, as here).
+        let mut argv: Vec<String> =
+            ["unet3d", "infer", "--input", &input, "--checkpoint"].iter().map(|s| s.to_string()).collect();
         argv.push(final_model.to_string_lossy().into_owned());
         argv.extend(self.set.iter().flat_map(|s| ["--set".to_string(), s.clone()]));
         if self.overwrite {

@@ -208,7 +208,7 @@ impl InferArgs {
                     );
                 };
                 let all: Vec<String> = record.config_sets.iter().chain(&sets).cloned().collect();
-                let parsed = Config::parse(&record.config_yaml, &all)
+                let parsed = Config::parse_in(&record.config_yaml, &all, record.config_dir.as_deref())
                     .with_context(|| format!("{}: the training config it carries", model.display()))?;
                 (parsed, Some(record.architecture))
             }

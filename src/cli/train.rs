@@ -32,17 +32,17 @@ impl TrainArgs {
     pub fn run(self) -> Result<()> {
         self.threads.apply()?;
         let path = &self.config.config;
-        let yaml = std::fs::read_to_string(path)
-            .with_context(|| format!("config {}: cannot read", path.display()))?;
+        let (yaml, dir) = Config::read_file(path)?;
         let mut sets = self.config.set.clone();
         if let Some(d) = self.device {
             sets.push(format!("tr_setup.device={d}"));
         }
-        let parsed = Config::parse(&yaml, &sets).with_context(|| format!("config {}", path.display()))?;
+        let parsed = Config::parse_in(&yaml, &sets, Some(&dir))
+            .with_context(|| format!("config {}", path.display()))?;
         for w in &parsed.warnings {
             eprintln!("warning: {w}");
         }
-        train(parsed.config, ConfigSource { yaml, sets }, self.overwrite)?;
+        train(parsed.config, ConfigSource { yaml, sets, dir: Some(dir) }, self.overwrite)?;
         Ok(())
     }
 }

@@ -19,10 +19,11 @@ pub enum Activation {
     Softmax,
 }
 
-const ACTIVATIONS: &[&str] = &["none", "sigmoid", "softmax"];
+const ACTIVATIONS: &[(&str, Activation)] =
+    &[("none", Activation::None), ("sigmoid", Activation::Sigmoid), ("softmax", Activation::Softmax)];
 
 pub(crate) fn activation(n: &Node) -> Result<Activation, String> {
-    Ok([Activation::None, Activation::Sigmoid, Activation::Softmax][choice(ACTIVATIONS)(n)?])
+    choice(ACTIVATIONS)(n)
 }
 
 /// One task: a decoder with `channels` outputs and its loss.
@@ -120,7 +121,12 @@ pub enum Normalization {
     None,
 }
 
-const NORMALIZATIONS: &[&str] = &["scale_to_unit", "zscore", "ct", "none"];
+const NORMALIZATIONS: &[(&str, Normalization)] = &[
+    ("scale_to_unit", Normalization::ScaleToUnit),
+    ("zscore", Normalization::ZScore),
+    ("ct", Normalization::Ct),
+    ("none", Normalization::None),
+];
 
 /// How training patches are drawn.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -133,9 +139,29 @@ pub enum Sampling {
     Random { oversample_foreground: f64 },
 }
 
-const SAMPLINGS: &[&str] = &["patch_search", "random"];
+/// `sampling`'s spellings; `oversample_foreground` completes `random`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum SamplingKind {
+    PatchSearch,
+    Random,
+}
 
-const NAN_POLICIES: &[&str] = &["error", "replace", "skip_patch"];
+const SAMPLINGS: &[(&str, SamplingKind)] =
+    &[("patch_search", SamplingKind::PatchSearch), ("random", SamplingKind::Random)];
+
+/// `nan_policy`'s spellings; `nan_value` completes `replace`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum NanPolicyKind {
+    Error,
+    Replace,
+    SkipPatch,
+}
+
+const NAN_POLICIES: &[(&str, NanPolicyKind)] = &[
+    ("error", NanPolicyKind::Error),
+    ("replace", NanPolicyKind::Replace),
+    ("skip_patch", NanPolicyKind::SkipPatch),
+];
 
 /// What training and statistics do with a non-finite stored value.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -195,32 +221,28 @@ pub(crate) fn read_dataset_config(mut s: Section<'_>) -> Result<DatasetConfig> {
         volume_paths.push(read_volume(v, &targets)?);
     }
     let normalization = s.get("normalization", vec![Normalization::ScaleToUnit; in_channels], &|n| {
-        let scheme = |n: &Node| {
-            let all =
-                [Normalization::ScaleToUnit, Normalization::ZScore, Normalization::Ct, Normalization::None];
-            Ok(all[choice(NORMALIZATIONS)(n)?])
-        };
+        let scheme = choice(NORMALIZATIONS);
         super::reader::list_of(in_channels, true, scheme)(n).map_err(|e| {
             format!("one scheme for all {in_channels} input channels or a list of one per channel ({e})")
         })
     })?;
-    let sampling = s.get("sampling", 0, &choice(SAMPLINGS))?;
+    let sampling = s.get("sampling", SamplingKind::PatchSearch, &choice(SAMPLINGS))?;
     let oversample = s.optional("oversample_foreground", &probability)?;
     let sampling = match sampling {
-        0 => {
+        SamplingKind::PatchSearch => {
             if oversample.is_some() {
                 let key = s.key_path("oversample_foreground");
                 s.ctx().warn(format!("{key}: ignored (only sampling: random uses it)"));
             }
             Sampling::PatchSearch
         }
-        _ => Sampling::Random { oversample_foreground: oversample.unwrap_or(0.33) },
+        SamplingKind::Random => Sampling::Random { oversample_foreground: oversample.unwrap_or(0.33) },
     };
     let nan_value = s.optional("nan_value", &super::reader::number)?;
-    let nan_policy = match s.get("nan_policy", 0, &choice(NAN_POLICIES))? {
-        0 => NanPolicy::Error,
-        1 => NanPolicy::Replace(nan_value.unwrap_or(0.0) as f32),
-        _ => NanPolicy::SkipPatch,
+    let nan_policy = match s.get("nan_policy", NanPolicyKind::Error, &choice(NAN_POLICIES))? {
+        NanPolicyKind::Error => NanPolicy::Error,
+        NanPolicyKind::Replace => NanPolicy::Replace(nan_value.unwrap_or(0.0) as f32),
+        NanPolicyKind::SkipPatch => NanPolicy::SkipPatch,
     };
     if nan_value.is_some() && !matches!(nan_policy, NanPolicy::Replace(_)) {
         let key = s.key_path("nan_value");

@@ -18,7 +18,15 @@ pub enum OutputType {
     Float32,
 }
 
-const OUTPUT_TYPES: &[&str] = &["uint8", "uint16", "float32", "np.uint8", "np.uint16", "np.float32"];
+/// The names, and the seed's numpy spellings.
+const OUTPUT_TYPES: &[(&str, OutputType)] = &[
+    ("uint8", OutputType::Uint8),
+    ("uint16", OutputType::Uint16),
+    ("float32", OutputType::Float32),
+    ("np.uint8", OutputType::Uint8),
+    ("np.uint16", OutputType::Uint16),
+    ("np.float32", OutputType::Float32),
+];
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct InferenceConfig {
@@ -98,12 +106,15 @@ pub(crate) fn read_inference_config(
 ) -> Result<InferenceConfig> {
     let path = |n: &Node| string(n).map(PathBuf::from).map_err(|_| "a path (string)".to_string());
     let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
-    let zarr_only = |n: &Node| match n {
-        Node::Str(f) if f.eq_ignore_ascii_case("zarr") => Ok(()),
-        _ => Err("\"zarr\" (the only format; `unet3d convert` imports NIfTI)".to_string()),
+    // The seed's format keys: unet3d recognises each input by its path and writes the output in
+    // the input's kind (NIfTI for NIfTI, Zarr for Zarr).
+    let format = |n: &Node| match n {
+        Node::Str(f) if ["zarr", "nifti"].iter().any(|k| f.eq_ignore_ascii_case(k)) => Ok(()),
+        _ => Err("\"zarr\" or \"nifti\" (either way the input's path decides, and outputs follow the input)"
+            .to_string()),
     };
-    s.get("input_format", (), &zarr_only)?;
-    s.get("output_format", (), &zarr_only)?;
+    s.get("input_format", (), &format)?;
+    s.get("output_format", (), &format)?;
     let output_targets = s.get("output_targets", names.iter().map(|t| t.to_string()).collect(), &|n| {
         let allowed = || format!("\"all\" or a list of target names ({})", names.join(", "));
         let listed: Vec<String> = match n {
@@ -119,9 +130,7 @@ pub(crate) fn read_inference_config(
         }
         Ok(names.iter().filter(|t| listed.iter().any(|l| l == *t)).map(|t| t.to_string()).collect())
     })?;
-    let output_type = s.optional("output_type", &|n| {
-        Ok([OutputType::Uint8, OutputType::Uint16, OutputType::Float32][choice(OUTPUT_TYPES)(n)? % 3])
-    })?;
+    let output_type = s.optional("output_type", &choice(OUTPUT_TYPES))?;
 
     let mut activations: Vec<(String, Activation)> =
         targets.iter().map(|t| (t.name.clone(), t.activation)).collect();

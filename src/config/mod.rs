@@ -16,7 +16,7 @@ mod train;
 mod tree;
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
@@ -67,7 +67,16 @@ const TOP_IGNORED: &[(&str, &str)] = &[
 impl Config {
     /// Parses YAML text and applies `sets` (each `section.key=value`, in order).
     pub fn parse(yaml: &str, sets: &[String]) -> Result<Parsed> {
+        Config::parse_in(yaml, sets, None)
+    }
+
+    /// As [`Config::parse`] for the YAML of a file in folder `dir`: its relative paths resolve
+    /// against `dir` (the `--set` values against the working folder).
+    pub fn parse_in(yaml: &str, sets: &[String], dir: Option<&Path>) -> Result<Parsed> {
         let mut root = tree::parse_yaml(yaml)?;
+        if let Some(dir) = dir {
+            tree::rebase_paths(&mut root, dir);
+        }
         for set in sets {
             tree::apply_set(&mut root, set)?;
         }
@@ -98,9 +107,20 @@ impl Config {
 
     /// Reads and parses the file at `path`; errors name it.
     pub fn load(path: &Path, sets: &[String]) -> Result<Parsed> {
+        let (text, dir) = Config::read_file(path)?;
+        Config::parse_in(&text, sets, Some(&dir)).with_context(|| format!("config {}", path.display()))
+    }
+
+    /// A config file's text and its folder as an absolute path, where its relative paths resolve.
+    pub fn read_file(path: &Path) -> Result<(String, PathBuf)> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("config {}: cannot read", path.display()))?;
-        Config::parse(&text, sets).with_context(|| format!("config {}", path.display()))
+        let dir = match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            Some(p) => std::path::absolute(p),
+            None => std::env::current_dir(),
+        }
+        .with_context(|| format!("config {}: cannot resolve its folder", path.display()))?;
+        Ok((text, dir))
     }
 
     /// The network for the training patch.

@@ -7,9 +7,26 @@ use super::reader::{Section, boolean, choice, count_from, list_of, number, posit
 use super::tree::Node;
 use crate::arch::{ArchConfig, Axes, BlockKind, Nonlin, Norm, PerStage, SePool};
 
-const ENCODER_BLOCKS: &[&str] = &["BasicBlockD", "BottleneckBlockD", "BottleneckD"];
-const NONLINS: &[&str] = &["nn.LeakyReLU", "LeakyReLU", "nn.ReLU", "ReLU"];
-const SE_POOLS: &[&str] = &["dhw", "dh"];
+const ENCODER_BLOCKS: &[(&str, BlockKind)] = &[
+    ("BasicBlockD", BlockKind::BasicBlockD),
+    ("BottleneckBlockD", BlockKind::BottleneckD),
+    ("BottleneckD", BlockKind::BottleneckD),
+];
+
+/// `nonlin`'s spellings; `negative_slope` completes the leaky one.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum NonlinKind {
+    LeakyRelu,
+    Relu,
+}
+
+const NONLINS: &[(&str, NonlinKind)] = &[
+    ("nn.LeakyReLU", NonlinKind::LeakyRelu),
+    ("LeakyReLU", NonlinKind::LeakyRelu),
+    ("nn.ReLU", NonlinKind::Relu),
+    ("ReLU", NonlinKind::Relu),
+];
+const SE_POOLS: &[(&str, SePool)] = &[("dhw", SePool::Dhw), ("dh", SePool::Dh)];
 
 const EARLIER_SEED: &str = "the seed ignores it too: a key of its earlier pytorch-3dunet configs";
 const OPS_FIXED: &str =
@@ -90,10 +107,7 @@ fn fixed(want: Node, why: &'static str) -> impl Fn(&Node) -> Result<(), String> 
 pub(crate) fn read_model_config(mut s: Section<'_>, autoconfigure: bool) -> Result<ArchConfig> {
     let d = ArchConfig::default();
     let count = |n: &Node| count_from(1)(n);
-    let block = match s.get("basic_encoder_block", 0, &choice(ENCODER_BLOCKS))? {
-        0 => BlockKind::BasicBlockD,
-        _ => BlockKind::BottleneckD,
-    };
+    let block = s.get("basic_encoder_block", BlockKind::BasicBlockD, &choice(ENCODER_BLOCKS))?;
     s.get("basic_decoder_block", (), &|n| match n {
         Node::Str(b) if b == "ConvBlock" => Ok(()),
         _ => Err("\"ConvBlock\" (conv-norm-act decoder stages as nnU-Net; the seed's \"ResidualBlock\" \
@@ -118,9 +132,9 @@ pub(crate) fn read_model_config(mut s: Section<'_>, autoconfigure: bool) -> Resu
     };
     norm_kwargs.finish(&[]);
 
-    let leaky = s.get("nonlin", 0, &choice(NONLINS))? < 2;
+    let kind = s.get("nonlin", NonlinKind::LeakyRelu, &choice(NONLINS))?;
     let slope = s.optional("negative_slope", &number)?;
-    let nonlin = if leaky {
+    let nonlin = if kind == NonlinKind::LeakyRelu {
         Nonlin::LeakyRelu { negative_slope: slope.map_or(0.01, |x| x as f32) }
     } else {
         if slope.is_some() {
@@ -130,8 +144,7 @@ pub(crate) fn read_model_config(mut s: Section<'_>, autoconfigure: bool) -> Resu
     };
 
     let se = s.get("squeeze_excitation", false, &boolean)?;
-    let pool =
-        s.optional("squeeze_excitation_pool", &|n| Ok([SePool::Dhw, SePool::Dh][choice(SE_POOLS)(n)?]))?;
+    let pool = s.optional("squeeze_excitation_pool", &choice(SE_POOLS))?;
     if !se && pool.is_some() {
         let key = s.key_path("squeeze_excitation_pool");
         s.ctx().warn(format!("{key}: ignored (squeeze_excitation is off)"));

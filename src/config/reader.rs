@@ -286,12 +286,17 @@ pub(crate) fn is_plain_name(s: &str) -> bool {
 }
 
 /// One of `names` (case-insensitive), as its index.
-pub(crate) fn choice(names: &'static [&'static str]) -> impl Fn(&Node) -> Result<usize, String> {
+pub(crate) fn choice<T: Copy>(options: &'static [(&'static str, T)]) -> impl Fn(&Node) -> Result<T, String> {
     move |n| {
-        let allowed =
-            || format!("one of {}", names.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", "));
+        let allowed = || {
+            format!("one of {}", options.iter().map(|(s, _)| format!("{s:?}")).collect::<Vec<_>>().join(", "))
+        };
         match n {
-            Node::Str(s) => names.iter().position(|c| c.eq_ignore_ascii_case(s.trim())).ok_or_else(allowed),
+            Node::Str(s) => options
+                .iter()
+                .find(|(c, _)| c.eq_ignore_ascii_case(s.trim()))
+                .map(|(_, v)| *v)
+                .ok_or_else(allowed),
             _ => Err(allowed()),
         }
     }
@@ -379,8 +384,9 @@ mod tests {
         assert_eq!(size3(&p("64")), Ok([64; 3]));
         assert_eq!(size3(&p("[14, 128, 256]")), Ok([14, 128, 256]));
         assert!(size3(&p("[1, 2]")).is_err());
-        assert_eq!(choice(&["AdamW", "SGD"])(&p("sgd")), Ok(1));
-        assert!(choice(&["AdamW", "SGD"])(&p("Adam")).unwrap_err().contains("\"AdamW\", \"SGD\""));
+        const OPTIONS: &[(&str, char)] = &[("AdamW", 'w'), ("SGD", 's')];
+        assert_eq!(choice(OPTIONS)(&p("sgd")), Ok('s'));
+        assert!(choice(OPTIONS)(&p("Adam")).unwrap_err().contains("\"AdamW\", \"SGD\""));
         assert_eq!(range_in(0.0, false, 2.0)(&p("[0.5, 1.5]")), Ok((0.5, 1.5)));
         assert_eq!(range_in(0.0, false, 2.0)(&p("[0, 0]")), Ok((0.0, 0.0)));
         assert!(range_in(0.0, false, 2.0)(&p("[1.5, 0.5]")).is_err());

@@ -265,37 +265,60 @@ pub(crate) fn vram_bytes(n: &Node) -> Result<u64, String> {
 /// The defaults of `tr_config.recipe`: the seed's (AdamW 1e-3, cosine) or nnU-Net's (SGD 1e-2
 /// Nesterov 0.99, weight decay 3e-5, poly 0.9, 1000 epochs of 250 steps, 50 validation steps).
 struct Recipe {
-    optimizer: usize,
+    optimizer: OptimizerKind,
     initial_lr: f64,
     weight_decay: f64,
     momentum: f64,
-    scheduler: usize,
+    scheduler: SchedulerKind,
     max_epoch: usize,
     max_steps_per_epoch: usize,
     max_val_steps_per_epoch: usize,
 }
 
-const RECIPES: &[&str] = &["seed", "nnunet"];
-const OPTIMIZERS: &[&str] = &["AdamW", "Adam", "SGD"];
-const SCHEDULERS: &[&str] = &["cosine", "poly", "constant"];
+const RECIPES: &[(&str, &Recipe)] = &[("seed", &SEED_RECIPE), ("nnunet", &NNUNET_RECIPE)];
+
+/// `optimizer`'s spellings; the other keys complete its hyperparameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum OptimizerKind {
+    AdamW,
+    Adam,
+    Sgd,
+}
+
+const OPTIMIZERS: &[(&str, OptimizerKind)] =
+    &[("AdamW", OptimizerKind::AdamW), ("Adam", OptimizerKind::Adam), ("SGD", OptimizerKind::Sgd)];
+
+/// `scheduler`'s spellings; `max_epoch` and `poly_exponent` complete them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum SchedulerKind {
+    Cosine,
+    Poly,
+    Constant,
+}
+
+const SCHEDULERS: &[(&str, SchedulerKind)] = &[
+    ("cosine", SchedulerKind::Cosine),
+    ("poly", SchedulerKind::Poly),
+    ("constant", SchedulerKind::Constant),
+];
 
 const SEED_RECIPE: Recipe = Recipe {
-    optimizer: 0,
+    optimizer: OptimizerKind::AdamW,
     initial_lr: 1e-3,
     weight_decay: 0.0,
     momentum: 0.9,
-    scheduler: 0,
+    scheduler: SchedulerKind::Cosine,
     max_epoch: 500,
     max_steps_per_epoch: 500,
     max_val_steps_per_epoch: 25,
 };
 
 const NNUNET_RECIPE: Recipe = Recipe {
-    optimizer: 2,
+    optimizer: OptimizerKind::Sgd,
     initial_lr: 1e-2,
     weight_decay: 3e-5,
     momentum: 0.99,
-    scheduler: 1,
+    scheduler: SchedulerKind::Poly,
     max_epoch: 1000,
     max_steps_per_epoch: 250,
     max_val_steps_per_epoch: 50,
@@ -303,10 +326,7 @@ const NNUNET_RECIPE: Recipe = Recipe {
 
 /// Reads `tr_config`.
 pub(crate) fn read_tr_config(mut s: Section<'_>) -> Result<TrConfig> {
-    let recipe = match s.get("recipe", 0, &choice(RECIPES))? {
-        0 => &SEED_RECIPE,
-        _ => &NNUNET_RECIPE,
-    };
+    let recipe = s.get("recipe", &SEED_RECIPE, &choice(RECIPES))?;
     let optimizer = s.get("optimizer", recipe.optimizer, &choice(OPTIMIZERS))?;
     let lr = s.get("initial_lr", recipe.initial_lr, &positive)?;
     let weight_decay = s.get("weight_decay", recipe.weight_decay, &non_negative)?;
@@ -321,7 +341,7 @@ pub(crate) fn read_tr_config(mut s: Section<'_>) -> Result<TrConfig> {
     let momentum = momentum_key.unwrap_or(recipe.momentum);
     let nesterov = nesterov_key.unwrap_or(true);
     let optimizer = match optimizer {
-        2 => {
+        OptimizerKind::Sgd => {
             if nesterov && momentum == 0.0 {
                 s.invalid::<()>(
                     "momentum",
@@ -336,7 +356,7 @@ pub(crate) fn read_tr_config(mut s: Section<'_>) -> Result<TrConfig> {
             }
             OptimizerConfig::Sgd(SgdHyper { lr, momentum, nesterov, weight_decay })
         }
-        kind => {
+        kind @ (OptimizerKind::Adam | OptimizerKind::AdamW) => {
             for (key, given) in [("momentum", momentum_key.is_some()), ("nesterov", nesterov_key.is_some())] {
                 if given {
                     s.ctx().warn(format!("{}: ignored (only SGD uses it)", s.key_path(key)));
@@ -348,7 +368,7 @@ pub(crate) fn read_tr_config(mut s: Section<'_>) -> Result<TrConfig> {
                 betas: betas_key.unwrap_or(d.betas),
                 eps: eps_key.unwrap_or(d.eps),
                 weight_decay,
-                decoupled: kind == 0,
+                decoupled: kind == OptimizerKind::AdamW,
             })
         }
     };
@@ -356,13 +376,13 @@ pub(crate) fn read_tr_config(mut s: Section<'_>) -> Result<TrConfig> {
     let max_epoch = s.get("max_epoch", recipe.max_epoch, &count_from(1))?;
     let scheduler = s.get("scheduler", recipe.scheduler, &choice(SCHEDULERS))?;
     let exponent = s.optional("poly_exponent", &positive)?;
-    if exponent.is_some() && scheduler != 1 {
+    if exponent.is_some() && scheduler != SchedulerKind::Poly {
         s.ctx().warn(format!("{}: ignored (only the poly scheduler uses it)", s.key_path("poly_exponent")));
     }
     let scheduler = match scheduler {
-        0 => LrSchedule::Cosine { max_epochs: max_epoch },
-        1 => LrSchedule::Poly { max_epochs: max_epoch, exponent: exponent.unwrap_or(0.9) },
-        _ => LrSchedule::Constant,
+        SchedulerKind::Cosine => LrSchedule::Cosine { max_epochs: max_epoch },
+        SchedulerKind::Poly => LrSchedule::Poly { max_epochs: max_epoch, exponent: exponent.unwrap_or(0.9) },
+        SchedulerKind::Constant => LrSchedule::Constant,
     };
     let grad_clip_max_norm = s.get("grad_clip_max_norm", Some(12.0), &|n| match n {
         Node::Bool(false) => Ok(None),

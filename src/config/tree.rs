@@ -7,6 +7,8 @@
 use std::fmt;
 
 use anyhow::{Context, Result, bail};
+use std::path::Path;
+
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 
 /// One YAML node. Mapping keys are scalars rendered as strings.
@@ -218,8 +220,73 @@ pub(crate) fn apply_set(root: &mut Node, assignment: &str) -> Result<()> {
     Ok(())
 }
 
+/// The keys whose values are file paths, as dot paths; `*` matches every key or list item. Under
+/// `volume_paths` every value but `ref_label` (a target name) is a path.
+const PATH_KEYS: &[&str] = &[
+    "tr_setup.ckpt_out_base",
+    "tr_setup.tensorboard_log_dir",
+    "tr_setup.checkpoint_path",
+    "dataset_config.cache_file",
+    "dataset_config.volume_paths.*.*",
+    "inference_config.checkpoint_path",
+    "inference_config.input_path",
+    "inference_config.output_path",
+];
+
+/// Makes the relative paths of a config read from a file relative to `dir`, the file's folder,
+/// so a config means the same from any working folder. Absolute paths and URLs (`scheme://`)
+/// stay; `--set` values are applied afterwards and so stay relative to the working folder.
+pub(crate) fn rebase_paths(root: &mut Node, dir: &Path) {
+    fn walk(node: &mut Node, key: &[&str], dir: &Path) {
+        let Some((first, rest)) = key.split_first() else {
+            if let Node::Str(s) = node
+                && !s.contains("://")
+                && Path::new(s.as_str()).is_relative()
+            {
+                *s = dir.join(s.as_str()).to_string_lossy().into_owned();
+            }
+            return;
+        };
+        match node {
+            Node::Map(entries) => {
+                for (k, v) in entries.iter_mut() {
+                    if (*first == "*" && k != "ref_label") || k == first {
+                        walk(v, rest, dir);
+                    }
+                }
+            }
+            Node::Seq(items) if *first == "*" => items.iter_mut().for_each(|v| walk(v, rest, dir)),
+            _ => {}
+        }
+    }
+    for key in PATH_KEYS {
+        walk(root, &key.split('.').collect::<Vec<_>>(), dir);
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn relative_paths_rebase_onto_the_config_folder() {
+        let mut root = super::parse_yaml(
+            "tr_setup: {ckpt_out_base: ckpt, model_name: m}\n\
+             dataset_config:\n  volume_paths:\n    - {input: a/in.zarr, label: /abs/l.zarr, ref_label: label}\n    - {input: \"s3://b/in\"}\n\
+             inference_config: {output_path: ./out, input_path: x.nii.gz}",
+        )
+        .unwrap();
+        super::rebase_paths(&mut root, std::path::Path::new("/cfg"));
+        let j = root.to_json();
+        assert_eq!(j["tr_setup"]["ckpt_out_base"], "/cfg/ckpt");
+        assert_eq!(j["tr_setup"]["model_name"], "m");
+        let v = &j["dataset_config"]["volume_paths"];
+        assert_eq!(
+            (&v[0]["input"], &v[0]["label"], &v[0]["ref_label"]),
+            (&"/cfg/a/in.zarr".into(), &"/abs/l.zarr".into(), &"label".into())
+        );
+        assert_eq!(v[1]["input"], "s3://b/in");
+        assert_eq!(j["inference_config"]["output_path"], "/cfg/./out");
+    }
+
     use super::*;
 
     #[test]

@@ -239,7 +239,7 @@ pub struct BceDice {
 }
 
 /// torch.optim.SGD hyperparameters (dampening is 0).
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SgdHyper {
     pub lr: f64,
     pub momentum: f64,

@@ -1,6 +1,6 @@
 //! torch.optim.Adam (L2 weight decay) and AdamW (decoupled weight decay).
 
-use super::{Optimizer, OptimizerState, params_with_grads};
+use super::{AdamMeta, Optimizer, OptimizerMeta, OptimizerState, params_with_grads};
 use crate::device::cpu::optim::adam_step;
 use crate::device::kernels::optim::{self as kernels, AdamParam, TableCache};
 use crate::device::launch::Gpu;
@@ -140,28 +140,26 @@ impl Optimizer for Adam {
             tensors.insert(format!("{EXP_AVG}.{n}"), s.exp_avg.to_device(Device::Cpu)?);
             tensors.insert(format!("{EXP_AVG_SQ}.{n}"), s.exp_avg_sq.to_device(Device::Cpu)?);
         }
-        let steps: BTreeMap<&str, u64> = self.state.iter().map(|(n, s)| (n.as_str(), s.step)).collect();
-        let AdamHyper { lr, betas, eps, weight_decay, .. } = self.hyper;
-        Ok(OptimizerState {
-            tensors,
-            meta: serde_json::json!({
-                "optimizer": self.hyper.kind(), "lr": lr, "betas": [betas.0, betas.1], "eps": eps,
-                "weight_decay": weight_decay, "step": steps,
-            }),
-        })
+        let step: BTreeMap<String, u64> = self.state.iter().map(|(n, s)| (n.clone(), s.step)).collect();
+        let AdamHyper { lr, betas, eps, weight_decay, decoupled } = self.hyper;
+        let meta = AdamMeta { lr, betas, eps, weight_decay, step };
+        let meta = if decoupled { OptimizerMeta::AdamW(meta) } else { OptimizerMeta::Adam(meta) };
+        Ok(OptimizerState { tensors, meta })
     }
 
     fn import_state(&mut self, params: &ParamStore, state: &OptimizerState) -> anyhow::Result<()> {
-        state.expect_kind(self.hyper.kind())?;
-        let hyper = AdamHyper {
-            lr: state.meta_value("lr")?,
-            betas: state.meta_value("betas")?,
-            eps: state.meta_value("eps")?,
-            weight_decay: state.meta_value("weight_decay")?,
-            decoupled: self.hyper.decoupled,
+        let meta = match (&state.meta, self.hyper.decoupled) {
+            (OptimizerMeta::Adam(m), false) | (OptimizerMeta::AdamW(m), true) => m,
+            (other, _) => anyhow::bail!(
+                "optimizer state is for {}, but the optimizer is {}",
+                other.kind(),
+                self.hyper.kind()
+            ),
         };
+        let AdamMeta { lr, betas, eps, weight_decay, .. } = *meta;
+        let hyper = AdamHyper { lr, betas, eps, weight_decay, decoupled: self.hyper.decoupled };
         hyper.validate()?;
-        let mut steps: BTreeMap<String, u64> = state.meta_value("step")?;
+        let mut steps = meta.step.clone();
         let device = params.one_device("optimizer state")?;
         let mut moments = BTreeMap::new();
         for (name, ts) in state.by_param(params, &[EXP_AVG, EXP_AVG_SQ])? {

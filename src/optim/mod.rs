@@ -17,7 +17,7 @@ pub use adam::Adam;
 pub use clip::{GradNorm, clip_grad_norm, grad_norm};
 pub use schedule::LrSchedule;
 pub use sgd::Sgd;
-pub use state::OptimizerState;
+pub use state::{AdamMeta, OptimizerMeta, OptimizerState};
 
 use crate::{ParamId, ParamStore};
 

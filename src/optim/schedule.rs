@@ -2,7 +2,8 @@
 
 /// A per-epoch learning-rate schedule, applied with `optimizer.set_lr(schedule.lr(lr0, epoch)?)`
 /// at the start of each epoch.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum LrSchedule {
     /// `lr0` throughout.
     Constant,

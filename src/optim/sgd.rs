@@ -1,6 +1,6 @@
 //! torch.optim.SGD with momentum and Nesterov (dampening 0).
 
-use super::{Optimizer, OptimizerState, params_with_grads};
+use super::{Optimizer, OptimizerMeta, OptimizerState, params_with_grads};
 use crate::device::cpu::optim::sgd_step;
 use crate::device::kernels::optim::{self as kernels, SgdParam, TableCache};
 use crate::device::launch::Gpu;
@@ -120,28 +120,17 @@ impl Optimizer for Sgd {
     }
 
     fn export_state(&self) -> anyhow::Result<OptimizerState> {
-        let SgdHyper { lr, momentum, nesterov, weight_decay } = self.hyper;
         let tensors = self
             .buffers
             .iter()
             .map(|(n, b)| Ok((format!("{BUFFER}.{n}"), b.to_device(Device::Cpu)?)))
             .collect::<anyhow::Result<_>>()?;
-        Ok(OptimizerState {
-            tensors,
-            meta: serde_json::json!({
-                "optimizer": KIND, "lr": lr, "momentum": momentum, "nesterov": nesterov,
-                "weight_decay": weight_decay,
-            }),
-        })
+        Ok(OptimizerState { tensors, meta: OptimizerMeta::Sgd(self.hyper) })
     }
 
     fn import_state(&mut self, params: &ParamStore, state: &OptimizerState) -> anyhow::Result<()> {
-        state.expect_kind(KIND)?;
-        let hyper = SgdHyper {
-            lr: state.meta_value("lr")?,
-            momentum: state.meta_value("momentum")?,
-            nesterov: state.meta_value("nesterov")?,
-            weight_decay: state.meta_value("weight_decay")?,
+        let OptimizerMeta::Sgd(hyper) = state.meta else {
+            anyhow::bail!("optimizer state is for {}, but the optimizer is {KIND}", state.meta.kind());
         };
         hyper.validate()?;
         // Without momentum there are no buffers, so any tensor is an unknown slot.

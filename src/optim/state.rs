@@ -1,34 +1,52 @@
 //! The exported form of an optimizer's state and the checks that importing it makes.
 
+use crate::device::op::SgdHyper;
 use crate::{ParamStore, Tensor};
 use anyhow::Context;
-use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// An optimizer's state as a checkpoint stores it: one tensor per parameter and state slot, named
-/// `<slot>.<parameter>` (e.g. `exp_avg.encoder.stem.conv.weight`), and a JSON object with the
-/// optimizer kind, its hyperparameters and step counts.
+/// `<slot>.<parameter>` (e.g. `exp_avg.encoder.stem.conv.weight`), and its kind, hyperparameters
+/// and step counts.
 #[derive(Clone, Debug)]
 pub struct OptimizerState {
     pub tensors: BTreeMap<String, Tensor>,
-    pub meta: serde_json::Value,
+    pub meta: OptimizerMeta,
+}
+
+/// What an optimizer's state records besides its tensors, as JSON tagged by kind:
+/// `{"optimizer": "AdamW", "lr": ..., "betas": [...], "eps": ..., "weight_decay": ..., "step": {...}}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "optimizer")]
+pub enum OptimizerMeta {
+    #[serde(rename = "SGD")]
+    Sgd(SgdHyper),
+    Adam(AdamMeta),
+    AdamW(AdamMeta),
+}
+
+/// Adam's and AdamW's hyperparameters and each parameter's step count.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdamMeta {
+    pub lr: f64,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub step: BTreeMap<String, u64>,
+}
+
+impl OptimizerMeta {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            OptimizerMeta::Sgd(_) => "SGD",
+            OptimizerMeta::Adam(_) => "Adam",
+            OptimizerMeta::AdamW(_) => "AdamW",
+        }
+    }
 }
 
 impl OptimizerState {
-    /// Fails unless the state was exported by an optimizer of kind `expected`.
-    pub(crate) fn expect_kind(&self, expected: &str) -> anyhow::Result<()> {
-        let kind: String = self.meta_value("optimizer")?;
-        anyhow::ensure!(kind == expected, "optimizer state is for {kind}, but the optimizer is {expected}");
-        Ok(())
-    }
-
-    /// The metadata entry `key`, deserialised.
-    pub(crate) fn meta_value<V: DeserializeOwned>(&self, key: &str) -> anyhow::Result<V> {
-        let v = self.meta.get(key).with_context(|| format!("optimizer state metadata lacks '{key}'"))?;
-        serde_json::from_value(v.clone())
-            .with_context(|| format!("optimizer state metadata '{key}' has the wrong type: {v}"))
-    }
-
     /// The state tensors grouped by parameter, one per entry of `slots` in that order, after
     /// checking that every tensor is named `<slot>.<parameter>` with a known slot and an existing
     /// parameter of the same shape, and that every parameter present has all its slots.

@@ -15,7 +15,7 @@ use crate::arch::Architecture;
 use crate::autograd::ParamStore;
 use crate::data::normalize::CtStats;
 use crate::model::weights;
-use crate::optim::OptimizerState;
+use crate::optim::{LrSchedule, OptimizerMeta, OptimizerState};
 use crate::tensor::{Tensor, io};
 
 /// The metadata key of the training state.
@@ -38,16 +38,21 @@ pub struct ModelRecord {
     /// The training YAML and its `--set` overrides, in order.
     pub config_yaml: String,
     pub config_sets: Vec<String>,
+    /// Where the config's relative paths resolve (its file's folder); None: the working folder
+    /// (a config given as text, or a file written before this was recorded).
+    #[serde(default)]
+    pub config_dir: Option<PathBuf>,
     /// The trained network, checked against the one the config builds when the file is used.
     pub architecture: Architecture,
 }
 
 impl ModelRecord {
-    pub fn new(arch: &Architecture, config_yaml: &str, config_sets: &[String]) -> ModelRecord {
+    pub fn new(arch: &Architecture, state: &TrainingState) -> ModelRecord {
         ModelRecord {
             format_version: MODEL_FORMAT_VERSION,
-            config_yaml: config_yaml.to_string(),
-            config_sets: config_sets.to_vec(),
+            config_yaml: state.config_yaml.clone(),
+            config_sets: state.config_sets.clone(),
+            config_dir: state.config_dir.clone(),
             architecture: arch.clone(),
         }
     }
@@ -71,15 +76,42 @@ pub struct TrainingState {
     pub ema_dice: Option<f64>,
     pub best_ema_dice: Option<f64>,
     pub best_epoch: Option<usize>,
-    /// The optimizer's hyperparameters and step counts ([`OptimizerState::meta`]).
-    pub optimizer: serde_json::Value,
-    /// The schedule and the initial rate it scales, for the record (the config decides them).
-    pub schedule: String,
+    /// The optimizer's kind, hyperparameters and step counts ([`OptimizerState::meta`]); None
+    /// before the first checkpoint.
+    pub optimizer: Option<OptimizerMeta>,
+    /// The schedule and the initial rate it scales, for the record (the config decides them);
+    /// None in files written before it was typed (they recorded a sentence, which is dropped).
+    #[serde(deserialize_with = "schedule_or_legacy")]
+    pub schedule: Option<ScheduleRecord>,
     /// The YAML the run was started with and its `--set` overrides, in order.
     pub config_yaml: String,
     pub config_sets: Vec<String>,
+    /// The config file's folder, where its relative paths resolve (None: the working folder).
+    #[serde(default)]
+    pub config_dir: Option<PathBuf>,
     /// The dataset's CT normalisation statistics, when a channel uses `ct`.
     pub ct_stats: Option<CtStats>,
+}
+
+/// The learning-rate schedule a run trained with.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleRecord {
+    pub schedule: LrSchedule,
+    pub initial_lr: f64,
+}
+
+/// A typed schedule, or None for the free-text one of older files.
+fn schedule_or_legacy<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<ScheduleRecord>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Recorded {
+        Typed(ScheduleRecord),
+        Legacy(serde::de::IgnoredAny),
+    }
+    Ok(match Option::<Recorded>::deserialize(d)? {
+        Some(Recorded::Typed(s)) => Some(s),
+        Some(Recorded::Legacy(_)) | None => None,
+    })
 }
 
 /// A checkpoint read back.
@@ -99,8 +131,8 @@ pub fn save(
 ) -> Result<()> {
     let mut tensors = weights::to_state_dict(arch, store)?;
     tensors.extend(optimizer.tensors.iter().map(|(n, t)| (format!("{OPTIMIZER_PREFIX}{n}"), t.clone())));
-    let state = TrainingState { optimizer: optimizer.meta.clone(), ..state.clone() };
-    let record = ModelRecord::new(arch, &state.config_yaml, &state.config_sets);
+    let state = TrainingState { optimizer: Some(optimizer.meta.clone()), ..state.clone() };
+    let record = ModelRecord::new(arch, &state);
     let mut meta = HashMap::from([(STATE_KEY.to_string(), serde_json::to_string(&state)?)]);
     write(path, &tensors, &mut meta, &record, state.ct_stats.as_ref())
 }
@@ -237,7 +269,11 @@ pub fn load(path: &Path, arch: &Architecture) -> Result<Checkpoint> {
     }
     let (w, o) = split(file.tensors);
     let store = weights::from_state_dict(arch, &w).with_context(ctx)?;
-    let optimizer = OptimizerState { tensors: o, meta: state.optimizer.clone() };
+    let meta = state
+        .optimizer
+        .clone()
+        .with_context(|| format!("checkpoint {}: its training state records no optimizer", path.display()))?;
+    let optimizer = OptimizerState { tensors: o, meta };
     Ok(Checkpoint { store, optimizer, state })
 }
 

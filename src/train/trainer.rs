@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail, ensure};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::checkpoint::{self, ModelRecord, TrainingState};
+use super::checkpoint::{self, ModelRecord, ScheduleRecord, TrainingState};
 use super::folder::{Kind, RunFolder, Start};
 use super::gif::{self, Panel};
 use super::log::Logger;
@@ -49,6 +49,9 @@ pub trait BatchSource {
 pub struct ConfigSource {
     pub yaml: String,
     pub sets: Vec<String>,
+    /// The folder of the config file, where its relative paths resolve (None: the working
+    /// folder, for a config given as text).
+    pub dir: Option<PathBuf>,
 }
 
 /// What one epoch did.
@@ -125,8 +128,8 @@ fn changed_settings(
     };
     let mut changes = crate::config::differences(&then, &Config::settings(&now.yaml, &now.sets)?);
     changes.retain(|c| !c.starts_with("tr_setup.checkpoint_path:"));
-    let old_arch =
-        Config::parse(&state.config_yaml, &state.config_sets).and_then(|p| p.config.architecture());
+    let old_arch = Config::parse_in(&state.config_yaml, &state.config_sets, state.config_dir.as_deref())
+        .and_then(|p| p.config.architecture());
     if let Ok(old) = old_arch
         && old != *arch
     {
@@ -170,14 +173,14 @@ impl Trainer {
             ema_dice: None,
             best_ema_dice: None,
             best_epoch: None,
-            optimizer: serde_json::Value::Null,
-            schedule: format!(
-                "{:?} from lr {}",
-                config.tr_config.scheduler,
-                config.tr_config.optimizer.initial_lr()
-            ),
+            optimizer: None,
+            schedule: Some(ScheduleRecord {
+                schedule: config.tr_config.scheduler,
+                initial_lr: config.tr_config.optimizer.initial_lr(),
+            }),
             config_yaml: source.yaml.clone(),
             config_sets: source.sets.clone(),
+            config_dir: source.dir.clone(),
             ct_stats: None,
         };
         let mut resume_changes = Vec::new();
@@ -218,6 +221,7 @@ impl Trainer {
                     model_name: setup.model_name.clone(),
                     config_yaml: source.yaml.clone(),
                     config_sets: source.sets.clone(),
+                    config_dir: source.dir.clone(),
                     ..ck.state
                 };
                 (ck.store, state, true, Some((p.clone(), ck.optimizer)))
@@ -392,7 +396,7 @@ impl Trainer {
             .then(|| -> Result<PathBuf> {
                 let p = folder.path(Kind::Final);
                 let host = self.store.to_host().context("copying the parameters for the final model")?;
-                let record = ModelRecord::new(&self.arch, &self.state.config_yaml, &self.state.config_sets);
+                let record = ModelRecord::new(&self.arch, &self.state);
                 checkpoint::save_weights(&p, &host, &record, self.state.ct_stats.as_ref())?;
                 Ok(p)
             })
