@@ -103,7 +103,7 @@ fn infer_targets(
     let channels = targets.iter().map(|t| t.channels).collect();
     let window = SlidingWindow::new(&v, &norm, &predictor, channels, [8, 8, 8], overlap, 3).unwrap();
     let provenance = serde_json::json!({"model": "tiny, seed 3", "normalization": format!("{norm:?}")});
-    run(&Job { window, targets, provenance }, opts)
+    run(&Job { window, targets, provenance, spacing: None }, opts)
 }
 
 /// Every file of the store (arrays and their chunks) by relative path.
@@ -393,7 +393,11 @@ fn infer_command_runs_from_a_config() {
     let window = SlidingWindow::new(&v, &norm, &predictor, vec![1], [8, 8, 8], 0.5, 3).unwrap();
     let mut t = targets().remove(0);
     (t.activation, t.output_type) = (Activation::None, OutputType::Float32);
-    run(&Job { window, targets: vec![t], provenance: serde_json::json!({}) }, &options(&lib, "0/1")).unwrap();
+    run(
+        &Job { window, targets: vec![t], provenance: serde_json::json!({}), spacing: None },
+        &options(&lib, "0/1"),
+    )
+    .unwrap();
     let want =
         ZarrArray::open(&lib.join("predictions.zarr/sheet"), 1, &cache).unwrap().read([0; 3], SHAPE).unwrap();
     assert_eq!(logits, want);

@@ -104,6 +104,37 @@ fn convert_train_predict_a_nifti_folder_and_evaluate() {
         }
     }
 
+    // A converted Zarr case predicts into <case>.zarr/label, an OME-Zarr 0.5 image in the
+    // input's spacing, which evaluate scores against the NIfTI reference alike.
+    let zpred = dir.join("pred-zarr");
+    let case = zarr.join("hippocampus_001.zarr");
+    ok(unet3d(&["infer", "--checkpoint", s(&model), "--input", s(&case), "--output", s(&zpred)]));
+    let store = zpred.join("hippocampus_001.zarr");
+    let group: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(store.join("zarr.json")).unwrap()).unwrap();
+    let spacing = nifti::read_header(&images.join("hippocampus_001.nii.gz")).unwrap().spacing;
+    check_ome_image(&group, &store, "label", spacing);
+    let out = dir.join("zarr-summary.json");
+    ok(unet3d(&[
+        "evaluate",
+        "--pred",
+        s(&store),
+        "--pred-array",
+        "label",
+        "--ref",
+        s(&refs.join("hippocampus_001.nii.gz")),
+        "--labels",
+        "1,2",
+        "--output",
+        s(&out),
+    ]));
+    let z: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    for label in ["1", "2"] {
+        let (a, b) = (&z["mean"][label]["Dice"], &summary["metric_per_case"][0]["metrics"][label]["Dice"]);
+        // The same model on the same voxels (stored as float32 by convert, uint8 in the NIfTI).
+        assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 0.01, "label {label}: {a} vs {b}");
+    }
+
     // The output folder refuses files it did not write; a folder with a stray file names it.
     let foreign = dir.join("foreign");
     std::fs::create_dir_all(foreign.join("label")).unwrap();
@@ -120,4 +151,35 @@ fn convert_train_predict_a_nifti_folder_and_evaluate() {
         unet3d(&["infer", "--checkpoint", s(&model), "--input", s(&stray), "--output", s(&dir.join("o"))]);
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && e.contains("notes.txt") && e.contains("not a volume"), "{e}");
+}
+
+/// The fields OME-Zarr 0.5 requires of an image group (ome.version, multiscales with axes and
+/// datasets, one scale transformation per dataset of the axes' length, space axes with a unit
+/// from the spec's list), and that the dataset is a 3D array of the group.
+fn check_ome_image(group: &serde_json::Value, store: &Path, image: &str, spacing: [f64; 3]) {
+    assert_eq!((&group["zarr_format"], &group["node_type"]), (&3.into(), &"group".into()), "{group}");
+    let ome = &group["attributes"]["ome"];
+    assert_eq!(ome["version"], "0.5");
+    let m = ome["multiscales"].as_array().unwrap().iter().find(|m| m["name"] == image).expect("the image");
+    let axes = m["axes"].as_array().unwrap();
+    assert_eq!(axes.iter().map(|a| a["name"].as_str().unwrap()).collect::<Vec<_>>(), ["z", "y", "x"]);
+    for a in axes {
+        assert_eq!((&a["type"], &a["unit"]), (&"space".into(), &"millimeter".into()), "{a}");
+    }
+    let datasets = m["datasets"].as_array().unwrap();
+    assert!(!datasets.is_empty());
+    for d in datasets {
+        let t = d["coordinateTransformations"].as_array().unwrap();
+        assert_eq!(t[0]["type"], "scale", "the first transformation is a scale");
+        let scale: Vec<f64> = serde_json::from_value(t[0]["scale"].clone()).unwrap();
+        assert_eq!(scale, spacing.to_vec());
+        let array: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(store.join(d["path"].as_str().unwrap()).join("zarr.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            (&array["node_type"], array["shape"].as_array().unwrap().len()),
+            (&"array".into(), axes.len())
+        );
+    }
 }

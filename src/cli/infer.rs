@@ -13,6 +13,7 @@ use signal_hook::consts::{SIGTERM, SIGUSR1};
 use super::{EXIT_RERUN, ThreadArgs, Unfinished};
 use crate::config::{Config, Normalization};
 use crate::data::normalize::{Normalizer, VolumeStats};
+use crate::data::volume;
 use crate::data::zarr::{ChunkCache, ZarrArray};
 use crate::data::{TargetKind, VolumeArray};
 use crate::device::Device;
@@ -308,7 +309,8 @@ impl InferArgs {
                 let input = ZarrArray::open(&path, dc.in_channels, &cache)
                     .with_context(|| format!("inference_config.input_path {input_path}"))?;
                 let input = if dc.allow_missing_chunks { input } else { input.refusing_missing_chunks() };
-                let summary = job.predict(&input, &path.display().to_string(), &opts)?;
+                let spacing = volume::recorded_spacing(&path, &input)?;
+                let summary = job.predict(&input, &path.display().to_string(), spacing, &opts)?;
                 report(&summary, shard, began);
                 println!("output: {}", opts.layout.store.display());
                 return match summary.stopped {
@@ -332,10 +334,11 @@ impl InferArgs {
                 continue;
             }
             out.prepare(flags.overwrite)?;
-            let (input, header) = cases::open(case, dc.in_channels, dc.allow_missing_chunks, &cache)?;
+            let opened = cases::open(case, dc.in_channels, dc.allow_missing_chunks, &cache)?;
             println!("case {}/{} {}", n + 1, mine.len(), case.name);
             opts.layout = out.layout.clone();
-            let summary = job.predict(input.as_ref(), input.name(), &opts)?;
+            let input = opened.array.as_ref();
+            let summary = job.predict(input, input.name(), opened.spacing, &opts)?;
             if let Some(m) = &mut opts.max_blocks {
                 *m -= summary.computed;
             }
@@ -348,7 +351,7 @@ impl InferArgs {
                 ))
                 .into());
             }
-            out.complete(&targets, header.as_ref())?;
+            out.complete(&targets, opened.header.as_ref())?;
             done += 1;
         }
         println!(
@@ -374,7 +377,13 @@ struct CaseJob<'a> {
 
 impl CaseJob<'_> {
     /// Predicts one volume into `opts.layout` (resuming what an earlier run left there).
-    fn predict(&self, input: &dyn VolumeArray, input_name: &str, opts: &RunOptions) -> Result<run::Summary> {
+    fn predict(
+        &self,
+        input: &dyn VolumeArray,
+        input_name: &str,
+        spacing: Option<[f64; 3]>,
+        opts: &RunOptions,
+    ) -> Result<run::Summary> {
         let dc = &self.config.dataset_config;
         let ic = &self.config.inference_config;
         let schemes = &dc.normalization;
@@ -416,7 +425,7 @@ impl CaseJob<'_> {
             mirroring_axes: self.mirror_axes.clone(),
             device: self.device.to_string(),
         })?;
-        run::run(&Job { window, targets: self.targets.to_vec(), provenance }, opts)
+        run::run(&Job { window, targets: self.targets.to_vec(), provenance, spacing }, opts)
     }
 }
 

@@ -12,6 +12,7 @@ pub mod finite;
 pub mod loader;
 pub mod nifti;
 pub mod normalize;
+pub mod ome;
 pub mod sampling;
 pub mod store;
 pub mod volume;

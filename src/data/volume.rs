@@ -97,12 +97,12 @@ pub fn read(path: &Path, array: Option<&str>) -> Result<Volume> {
     let n = shape.iter().product::<usize>() * channels;
     check_allocation((n as u64).checked_mul(4), format_args!("{}: {shape:?} x {channels}", z.name()))?;
     let data = z.read([0; 3], shape)?;
-    Ok(Volume { spacing: zarr_spacing(&path, &z)?, name: z.name().to_string(), shape, channels, data })
+    Ok(Volume { spacing: recorded_spacing(&path, &z)?, name: z.name().to_string(), shape, channels, data })
 }
 
 /// The spacing a Zarr array records: its own `spacing` attribute (`unet3d convert`), else the
 /// scale of its level in the parent group's OME-Zarr `multiscales` (0.4 or 0.5).
-fn zarr_spacing(path: &Path, z: &ZarrArray) -> Result<Option<[f64; 3]>> {
+pub fn recorded_spacing(path: &Path, z: &ZarrArray) -> Result<Option<[f64; 3]>> {
     let name = z.name();
     if let Some(s) = z.attributes().get("spacing") {
         let s: [f64; 3] = serde_json::from_value(s.clone())

@@ -699,6 +699,15 @@ pub fn remove_array(path: &Path) -> Result<()> {
     std::fs::remove_dir_all(path).with_context(|| format!("{}: cannot remove the old array", path.display()))
 }
 
+/// Writes the v3 group metadata of `dir` with `attributes` (e.g. OME-Zarr multiscales), whole or
+/// not at all; an earlier group's metadata is replaced.
+pub fn write_group_attributes(dir: &Path, attributes: serde_json::Value) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("{}: cannot create the directory", dir.display()))?;
+    let meta = serde_json::json!({"zarr_format": 3, "node_type": "group", "attributes": attributes});
+    crate::tensor::io::write_atomic(&dir.join("zarr.json"), serde_json::to_vec_pretty(&meta)?.as_slice())
+}
+
 /// Marks a `.zarr` directory holding arrays as a v3 group, so Zarr tools open it, unless it
 /// already is one.
 fn write_group(dir: &Path) -> Result<()> {

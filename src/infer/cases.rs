@@ -154,19 +154,24 @@ fn ome_level(path: &Path) -> Result<Option<PathBuf>> {
     Ok(Some(path.join(level)))
 }
 
-/// A case's input opened for reading, and the header of a NIfTI input (its output's header).
-/// A Zarr chunk missing from the store is an error unless `allow_missing_chunks`.
-pub fn open(
-    case: &Case,
-    channels: usize,
-    allow_missing_chunks: bool,
-    cache: &ChunkCache,
-) -> Result<(Box<dyn VolumeArray>, Option<NiftiHeader>)> {
+/// A case's input, opened.
+pub struct Opened {
+    pub array: Box<dyn VolumeArray>,
+    /// A NIfTI input's header: its output's header.
+    pub header: Option<NiftiHeader>,
+    /// Voxel size (D, H, W) in mm, if the input records one.
+    pub spacing: Option<[f64; 3]>,
+}
+
+/// Opens a case's input for reading. A Zarr chunk missing from the store is an error unless
+/// `allow_missing_chunks`.
+pub fn open(case: &Case, channels: usize, allow_missing_chunks: bool, cache: &ChunkCache) -> Result<Opened> {
     match &case.source {
         Source::Zarr(p) => {
             let array = ZarrArray::open(p, channels, cache)?;
+            let spacing = volume::recorded_spacing(p, &array)?;
             let array = if allow_missing_chunks { array } else { array.refusing_missing_chunks() };
-            Ok((Box::new(array), None))
+            Ok(Opened { array: Box::new(array), header: None, spacing })
         }
         Source::Nifti(p) => {
             let img = nifti::read(p)?;
@@ -181,7 +186,7 @@ pub fn open(
             // would see after a conversion.
             let dtype = convert::input_dtype(&[&h]);
             let array = InMemoryArray::new(p.display().to_string(), h.shape, channels, dtype, img.data)?;
-            Ok((Box::new(array), Some(h)))
+            Ok(Opened { array: Box::new(array), spacing: Some(h.spacing), header: Some(h) })
         }
     }
 }

@@ -27,9 +27,9 @@ use serde_json::{Value, json};
 use super::blend::{OutputTarget, SlidingWindow, finish};
 use super::shard::{Blocks, Shard};
 use crate::config::{self, OutputType};
-use crate::data::DType;
 use crate::data::finite::NonFinite;
 use crate::data::zarr::{self, ArraySpec, ZarrWriter};
+use crate::data::{DType, ome};
 use crate::device::launch::{DeviceCounters, Gpu};
 use crate::tensor::io::write_atomic;
 
@@ -45,6 +45,8 @@ pub struct Job<'a> {
     /// Whatever else decides the output bytes (input, checkpoint, normalisation, mirroring),
     /// recorded in `run.json`: a job whose provenance differs refuses to write into the store.
     pub provenance: Value,
+    /// The input's voxel size (D, H, W) in mm, if it records one: the store's OME-Zarr scale.
+    pub spacing: Option<[f64; 3]>,
 }
 
 /// How a job runs; none of this changes the output bytes.
@@ -377,6 +379,10 @@ fn open_store(
             );
         }
     }
+    // The single-channel targets as OME-Zarr images (the same bytes from every job).
+    let images: Vec<&str> =
+        job.targets.iter().filter(|t| t.stored().0 == 1).map(|t| t.name.as_str()).collect();
+    zarr::write_group_attributes(&layout.store, ome::multiscales(&images, job.spacing))?;
     job.targets
         .iter()
         .map(|t| {
