@@ -108,10 +108,12 @@ impl EvaluateArgs {
             ),
         };
         if !missing.is_empty() {
+            let shown = missing.iter().take(8).cloned().collect::<Vec<_>>().join(", ");
+            let more = if missing.len() > 8 { ", ..." } else { "" };
             eprintln!(
-                "warning: {} reference cases have no prediction and are not scored: {}",
-                missing.len(),
-                missing.join(", ")
+                "warning: {} reference cases have no prediction and are not scored ({shown}{more}; \
+                 summary.json lists them under missing_predictions)",
+                missing.len()
             );
         }
         let task = if self.regression {
