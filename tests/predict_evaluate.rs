@@ -51,6 +51,14 @@ fn convert_train_predict_a_nifti_folder_and_evaluate() {
     ok(unet3d(&["train", "--config", s(&config)]));
     let model = ckpt.join("hippo_final.safetensors");
     assert!(model.is_file(), "the final model");
+    // The final whole-volume validation of the one validation case, in evaluate's format.
+    let val: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("validation/summary_label.json")).unwrap())
+            .unwrap();
+    assert_eq!(val["labels"], serde_json::json!([1, 2]));
+    let case = val["metric_per_case"][0]["case"].as_str().unwrap().to_string();
+    assert!(CASES.contains(&case.as_str()), "{case}");
+    assert!(ckpt.join(format!("validation/{case}.zarr/label")).is_dir());
 
     // The model alone (no --config) predicts the image folder into label/<case>.nii.gz.
     let pred = dir.join("pred");

@@ -7,7 +7,7 @@ use clap::Args;
 
 use crate::data::volume::{self, case_name};
 use crate::data::zarr::has_array_metadata;
-use crate::eval::summary::{self, CasePair, Task};
+use crate::eval::summary::{self, CasePair, Spacing, Task};
 use crate::tensor::io::write_atomic;
 
 /// Score label maps (Dice, IoU, TP/FP/FN, volumes, HD95, surface Dice) or regression values (MAE,
@@ -56,9 +56,11 @@ impl EvaluateArgs {
             self.tolerance
         );
         let spacing = match self.spacing.as_deref() {
-            Some(&[z, y, x]) if [z, y, x].iter().all(|s| s.is_finite() && *s > 0.0) => Some([z, y, x]),
+            Some(&[z, y, x]) if [z, y, x].iter().all(|s| s.is_finite() && *s > 0.0) => {
+                Spacing::Given([z, y, x])
+            }
             Some(s) => bail!("--spacing {s:?}: three positive sizes in mm"),
-            None => None,
+            None => Spacing::Recorded,
         };
         for p in [&self.pred, &self.reference] {
             ensure!(p.exists(), "{}: does not exist", p.display());

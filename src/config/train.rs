@@ -172,6 +172,9 @@ pub struct TrConfig {
     pub gradient_accumulation: usize,
     pub max_steps_per_epoch: usize,
     pub max_val_steps_per_epoch: usize,
+    /// After the last epoch, predict the validation volumes whole with the final model (the
+    /// `unet3d infer` path) and score them as `unet3d evaluate` does.
+    pub final_validation: bool,
     pub num_dataloader_workers: usize,
     pub max_epoch: usize,
     pub augmentation: Augmentation,
@@ -406,6 +409,7 @@ pub(crate) fn read_tr_config(mut s: Section<'_>) -> Result<TrConfig> {
             recipe.max_val_steps_per_epoch,
             &count_from(0),
         )?,
+        final_validation: s.get("final_validation", true, &boolean)?,
         num_dataloader_workers: s.get("num_dataloader_workers", 4, &count_from(0))?,
         max_epoch,
         augmentation: read_augmentation(s.section("augmentation")?)?,

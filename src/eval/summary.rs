@@ -60,13 +60,23 @@ pub struct Summary {
 /// The key of a regression target's scores in `metrics` and `mean`.
 pub const VALUES: &str = "values";
 
-/// Scores every pair (one case in memory at a time). `spacing` overrides what the files record;
-/// without it the reference's spacing is used, else the prediction's, and when both record one
-/// they must agree.
+/// Where the voxel size comes from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Spacing {
+    /// What the files record: the reference's, else the prediction's (when both record one they
+    /// must agree); an error when neither does.
+    Recorded,
+    /// As `Recorded`, with 1 mm where neither records one (synthetic data).
+    RecordedOrUnit,
+    /// This, whatever the files say.
+    Given([f64; 3]),
+}
+
+/// Scores every pair (one case in memory at a time).
 pub fn evaluate(
     pairs: &[CasePair],
     task: &Task,
-    spacing: Option<[f64; 3]>,
+    spacing: Spacing,
     missing_predictions: Vec<String>,
     progress: &mut dyn FnMut(usize, &CaseResult),
 ) -> Result<Summary> {
@@ -159,8 +169,8 @@ fn absent(voxels: usize) -> Scores {
     zero.into_iter().chain(undefined).chain([(TN, Some(voxels as f64))]).collect()
 }
 
-fn case_spacing(pred: &Volume, reference: &Volume, given: Option<[f64; 3]>) -> Result<[f64; 3]> {
-    if let Some(s) = given {
+fn case_spacing(pred: &Volume, reference: &Volume, rule: Spacing) -> Result<[f64; 3]> {
+    if let Spacing::Given(s) = rule {
         return Ok(s);
     }
     match (pred.spacing, reference.spacing) {
@@ -176,6 +186,7 @@ fn case_spacing(pred: &Volume, reference: &Volume, given: Option<[f64; 3]>) -> R
             Ok(r)
         }
         (_, Some(s)) | (Some(s), None) => Ok(s),
+        (None, None) if rule == Spacing::RecordedOrUnit => Ok([1.0; 3]),
         (None, None) => bail!(
             "neither {} nor {} records a voxel spacing (surface distances and volumes need one); pass \
              --spacing Z Y X in mm",

@@ -81,6 +81,12 @@ fn is_nifti(path: &Path) -> bool {
 }
 
 fn case(path: &Path, array: &str) -> Result<Case> {
+    // An array inside a `<case>.zarr` store (`unet3d convert`'s `<case>.zarr/input`).
+    if has_array_metadata(path)
+        && let Some(name) = path.parent().and_then(case_name)
+    {
+        return Ok(Case { name, source: Source::Zarr(path.to_path_buf()) });
+    }
     let name = case_name(path)
         .with_context(|| format!("{}: not a case (a .nii, .nii.gz or .zarr)", path.display()))?;
     let source = if is_nifti(path) {
@@ -301,6 +307,10 @@ mod tests {
         std::fs::write(dir.join("list.txt"), "# cases\nin/b.zarr\n\nin/a.nii.gz\n").unwrap();
         let Inputs::Cases(listed) = resolve(&dir.join("list.txt"), "input").unwrap() else { panic!("cases") };
         assert_eq!(listed.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["b", "a"]);
+        // An array of a case store names its case.
+        std::fs::write(dir.join("list.txt"), "in/b.zarr/input\n").unwrap();
+        let Inputs::Cases(listed) = resolve(&dir.join("list.txt"), "x").unwrap() else { panic!("cases") };
+        assert_eq!(listed, [Case { name: "b".into(), source: Source::Zarr(folder.join("b.zarr/input")) }]);
         std::fs::write(dir.join("list.txt"), "in/a.nii.gz\nin/missing.nii\n").unwrap();
         let e = format!("{:#}", resolve(&dir.join("list.txt"), "input").unwrap_err());
         assert!(e.contains("list.txt:2") && e.contains("missing.nii"), "{e}");

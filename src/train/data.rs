@@ -29,6 +29,8 @@ pub struct LoaderSource {
     validation: Option<Loader>,
     ct_stats: Option<CtStats>,
     volume_names: Vec<String>,
+    /// The validation volumes, as indices of `dataset_config.volume_paths`.
+    validation_volumes: Vec<usize>,
 }
 
 impl LoaderSource {
@@ -90,7 +92,13 @@ impl LoaderSource {
             validation,
             ct_stats,
             volume_names,
+            validation_volumes: val,
         })
+    }
+
+    /// The validation volumes, as indices of `dataset_config.volume_paths`.
+    pub fn validation_volumes(&self) -> &[usize] {
+        &self.validation_volumes
     }
 }
 
