@@ -95,11 +95,17 @@ fn hand_written_v2_reads_voxel_for_voxel_with_partial_edge_chunks() {
 fn v3_round_trip_for_every_dtype_with_round_and_clamp() {
     let dir = scratch_dir("v3");
     // (dtype, values written, values read back)
-    let cases: [(DType, [f32; 4], [f32; 4]); 4] = [
+    let cases: [(DType, [f32; 4], [f32; 4]); 5] = [
         (DType::U8, [3.6, -5.0, 300.0, 254.4], [4.0, 0.0, 255.0, 254.0]),
         (DType::U16, [1.5, -1.0, 70000.0, 65534.6], [2.0, 0.0, 65535.0, 65535.0]),
         (DType::I16, [-2.5, -40000.0, 40000.0, 7.49], [-3.0, -32768.0, 32767.0, 7.0]),
         (DType::F32, [0.25, -1e30, 3.5e7, -0.125], [0.25, -1e30, 3.5e7, -0.125]),
+        // numpy's float16: 0.1 -> 0.0999755859375, beyond 65504 -> inf, 1 + 2^-10 exact.
+        (
+            DType::F16,
+            [0.1, -70000.0, 1.000_976_6, 65504.0],
+            [0.099_975_586, f32::NEG_INFINITY, 1.000_976_6, 65504.0],
+        ),
     ];
     for (dtype, written, read) in cases {
         for channels in [1, 2] {
@@ -290,7 +296,7 @@ fn dataset_opens_checked_volumes_and_names_what_is_wrong() {
     // An unsupported dtype.
     let err = open_err(1, ["f64", "v0.zarr/sheet", "v0.zarr/normals"]);
     check(&err, "input", "f64", "float64");
-    assert!(err.contains("is not supported (uint8, uint16, int16 or float32)"), "{err}");
+    assert!(err.contains("is not supported (uint8, uint16, int16, float32 or float16)"), "{err}");
     // Channel counts: a 3D input where 2 channels are expected, normals with 2 channels not 3.
     let err = open_err(2, ["v0.zarr/input", "v0.zarr/sheet", "v0.zarr/normals"]);
     check(&err, "input", "v0.zarr/input", "but 2 are expected");

@@ -431,6 +431,19 @@ fn infer_command_runs_from_a_config() {
     assert_eq!(labels, want);
     assert!(labels.contains(&0.0) && labels.contains(&1.0), "both classes occur");
 
+    // float16: the logits rounded to half precision.
+    let half_out = dir.join("out-half");
+    let mut a = args(&[]);
+    let at = a.iter().position(|x| x == "--output-type").unwrap();
+    a[at + 1] = "float16".into();
+    let at = a.iter().position(|x| x == "--output").unwrap();
+    a[at + 1] = half_out.display().to_string();
+    Cli::try_parse_from(a).unwrap().run().unwrap();
+    let halves = ZarrArray::open(&half_out.join("predictions.zarr/sheet"), 1, &cache).unwrap();
+    assert_eq!(halves.dtype(), DType::F16);
+    let want: Vec<f32> = logits.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect();
+    assert_eq!(halves.read([0; 3], SHAPE).unwrap(), want);
+
     // A wrong flag names itself.
     let err =
         format!("{:#}", Cli::try_parse_from(args(&["--activation", "sheet"])).unwrap().run().unwrap_err());

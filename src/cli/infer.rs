@@ -70,7 +70,7 @@ struct KeyFlags {
     /// inference_config.output_targets: comma-separated names, or "all".
     #[arg(long, value_delimiter = ',')]
     output_targets: Option<Vec<String>>,
-    /// inference_config.output_type: uint8, uint16 or float32.
+    /// inference_config.output_type: uint8, uint16, float32 or float16 (values and probabilities).
     #[arg(long)]
     output_type: Option<String>,
     /// inference_config.mirroring (default true): average each window's predictions over the flips

@@ -16,6 +16,15 @@ pub enum OutputType {
     /// As uint8, to 0..65535.
     Uint16,
     Float32,
+    /// IEEE half precision (11 significant bits): half the disk of float32 for regression maps.
+    Float16,
+}
+
+impl OutputType {
+    /// Whether values are stored as integers (scaled from a value range) rather than as floats.
+    pub fn is_integer(self) -> bool {
+        matches!(self, OutputType::Uint8 | OutputType::Uint16)
+    }
 }
 
 /// The names, and the seed's numpy spellings.
@@ -23,9 +32,11 @@ const OUTPUT_TYPES: &[(&str, OutputType)] = &[
     ("uint8", OutputType::Uint8),
     ("uint16", OutputType::Uint16),
     ("float32", OutputType::Float32),
+    ("float16", OutputType::Float16),
     ("np.uint8", OutputType::Uint8),
     ("np.uint16", OutputType::Uint16),
     ("np.float32", OutputType::Float32),
+    ("np.float16", OutputType::Float16),
 ];
 
 #[derive(Debug, Clone, PartialEq)]
@@ -177,10 +188,7 @@ pub(crate) fn read_inference_config(
     for name in &config.output_targets {
         let t = targets.iter().find(|t| t.name == *name).expect("output targets are targets");
         let ty = config.output_type_for(t);
-        if ty != OutputType::Float32
-            && TargetKind::of(t) == TargetKind::Values
-            && config.value_range(t).is_none()
-        {
+        if ty.is_integer() && TargetKind::of(t) == TargetKind::Values && config.value_range(t).is_none() {
             bail!(
                 "{}: {ty:?} output of regression target '{name}', whose values nothing bounds; give \
                  {}.targets.{name}.range: [lo, hi] (the values 0..max stands for), an activation, or \

@@ -10,6 +10,7 @@ pub enum DType {
     U16,
     I16,
     F32,
+    F16,
 }
 
 impl DType {
@@ -18,7 +19,7 @@ impl DType {
         match self {
             DType::U8 => 255.0,
             DType::U16 => 65535.0,
-            DType::I16 | DType::F32 => 1.0,
+            DType::I16 | DType::F32 | DType::F16 => 1.0,
         }
     }
 
@@ -28,6 +29,7 @@ impl DType {
             DType::U16 => "uint16",
             DType::I16 => "int16",
             DType::F32 => "float32",
+            DType::F16 => "float16",
         }
     }
 }

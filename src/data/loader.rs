@@ -126,7 +126,7 @@ impl TargetValues {
             TargetKind::Values => TargetValues::Scaled(dtype.unit_scale()),
             TargetKind::Vectors => TargetValues::Vectors(match dtype {
                 DType::U8 | DType::U16 => Some(dtype.unit_scale() / 2.0),
-                DType::I16 | DType::F32 => None,
+                DType::I16 | DType::F32 | DType::F16 => None,
             }),
         }
     }

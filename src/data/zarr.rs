@@ -12,7 +12,9 @@ use anyhow::{Context, Result, bail, ensure};
 use rayon::prelude::*;
 use zarrs::array::CodecOptions;
 use zarrs::array::codec::ZstdCodec;
-use zarrs::array::data_type::{self, Float32DataType, Int16DataType, UInt8DataType, UInt16DataType};
+use zarrs::array::data_type::{
+    self, Float16DataType, Float32DataType, Int16DataType, UInt8DataType, UInt16DataType,
+};
 use zarrs::array::{Array, ArrayBuilder, ArrayMetadataOptions, ArraySubset, ElementOwned};
 
 use super::array::{DType, VolumeArray, check_box};
@@ -59,6 +61,19 @@ impl Elem for f32 {
     }
 }
 
+impl Elem for half::f16 {
+    fn to_f32(self) -> f32 {
+        self.to_f32()
+    }
+    /// Rounds to nearest; beyond 65504 becomes infinite, as numpy's astype(float16).
+    fn from_f32(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+    fn chunk(values: Vec<Self>) -> Chunk {
+        Chunk::F16(values)
+    }
+}
+
 /// Runs `$body` with `$t` bound to the Rust type of `$dtype`.
 macro_rules! with_elem {
     ($dtype:expr, $t:ident => $body:expr) => {
@@ -79,6 +94,10 @@ macro_rules! with_elem {
                 type $t = f32;
                 $body
             }
+            DType::F16 => {
+                type $t = half::f16;
+                $body
+            }
         }
     };
 }
@@ -89,6 +108,7 @@ enum Chunk {
     U16(Vec<u16>),
     I16(Vec<i16>),
     F32(Vec<f32>),
+    F16(Vec<half::f16>),
 }
 
 impl Chunk {
@@ -98,6 +118,7 @@ impl Chunk {
             Chunk::U16(v) => v.len() * 2,
             Chunk::I16(v) => v.len() * 2,
             Chunk::F32(v) => v.len() * 4,
+            Chunk::F16(v) => v.len() * 2,
         }
     }
 }
@@ -212,8 +233,10 @@ fn supported_dtype(name: &str, array: &Array<AtomicStore>) -> Result<DType> {
         DType::I16
     } else if dt.is::<Float32DataType>() {
         DType::F32
+    } else if dt.is::<Float16DataType>() {
+        DType::F16
     } else {
-        bail!("{name}: data type {dt} is not supported (uint8, uint16, int16 or float32)")
+        bail!("{name}: data type {dt} is not supported (uint8, uint16, int16, float32 or float16)")
     })
 }
 
@@ -410,6 +433,7 @@ impl ZarrArray {
             Chunk::U16(v) => overlap.copy(v, out),
             Chunk::I16(v) => overlap.copy(v, out),
             Chunk::F32(v) => overlap.copy(v, out),
+            Chunk::F16(v) => overlap.copy(v, out),
         }
         Ok(())
     }
@@ -591,6 +615,7 @@ impl ZarrWriter {
             DType::U16 => (data_type::uint16(), 0u16.into()),
             DType::I16 => (data_type::int16(), 0i16.into()),
             DType::F32 => (data_type::float32(), 0f32.into()),
+            DType::F16 => (data_type::float16(), half::f16::ZERO.into()),
         };
         let array = ArrayBuilder::new(shape, chunks, dt, fill)
             .bytes_to_bytes_codecs(vec![Arc::new(ZstdCodec::new(3, false))])

@@ -69,6 +69,7 @@ fn output_type_name<S: serde::Serializer>(t: &OutputType, s: S) -> Result<S::Ok,
         OutputType::Uint8 => "uint8",
         OutputType::Uint16 => "uint16",
         OutputType::Float32 => "float32",
+        OutputType::Float16 => "float16",
     })
 }
 
@@ -362,7 +363,7 @@ pub fn finish(target: &OutputTarget, logits: Vec<f32>) -> Vec<f32> {
         });
     }
     let scale = match target.output_type {
-        OutputType::Float32 => return v,
+        OutputType::Float32 | OutputType::Float16 => return v,
         OutputType::Uint8 => 255.0,
         OutputType::Uint16 => 65535.0,
     };

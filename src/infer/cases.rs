@@ -269,7 +269,8 @@ impl CaseOutput {
                 let dtype = match stored {
                     OutputType::Uint8 => NiftiType::U8,
                     OutputType::Uint16 => NiftiType::U16,
-                    OutputType::Float32 => NiftiType::F32,
+                    // NIfTI-1 has no half precision.
+                    OutputType::Float32 | OutputType::Float16 => NiftiType::F32,
                 };
                 let dir = file.parent().expect("a file under the output folder");
                 std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -153,6 +153,7 @@ fn dtype(t: OutputType) -> DType {
         OutputType::Uint8 => DType::U8,
         OutputType::Uint16 => DType::U16,
         OutputType::Float32 => DType::F32,
+        OutputType::Float16 => DType::F16,
     }
 }
 
