@@ -115,8 +115,9 @@ fn convert_train_predict_a_nifti_folder_and_evaluate() {
     // A converted Zarr case predicts into <case>.zarr/label, an OME-Zarr 0.5 image in the
     // input's spacing, which evaluate scores against the NIfTI reference alike.
     let zpred = dir.join("pred-zarr");
-    let case = zarr.join("hippocampus_001.zarr");
-    ok(unet3d(&["infer", "--checkpoint", s(&model), "--input", s(&case), "--output", s(&zpred)]));
+    // The folder convert wrote (with its volumes.yaml) predicts whole, case by case.
+    ok(unet3d(&["infer", "--checkpoint", s(&model), "--input", s(&zarr), "--output", s(&zpred)]));
+    assert!(CASES.iter().all(|c| zpred.join(format!("{c}.zarr/label/zarr.json")).is_file()));
     let store = zpred.join("hippocampus_001.zarr");
     let group: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(store.join("zarr.json")).unwrap()).unwrap();

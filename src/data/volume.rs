@@ -31,16 +31,19 @@ pub fn case_name(path: &Path) -> Option<String> {
     ENDINGS.iter().find_map(|e| file.strip_suffix(e)).filter(|n| !n.is_empty()).map(str::to_string)
 }
 
+/// Files unet3d writes beside cases: `evaluate`'s summary and `convert`'s dataset_config snippet.
+const COMPANIONS: &[&str] = &["summary.json", "volumes.yaml"];
+
 /// The cases of `folder`, sorted by name: every `.nii`, `.nii.gz` and `.zarr` entry. Hidden
-/// entries (`.progress`, editors' files) are skipped; any other entry is an error naming it, as is
-/// a name two entries share (`a.nii` beside `a.nii.gz`).
+/// entries (`.progress`, editors' files) and unet3d's own companion files are skipped; any other
+/// entry is an error naming it, as is a name two entries share (`a.nii` beside `a.nii.gz`).
 pub fn cases(folder: &Path) -> Result<Vec<(String, PathBuf)>> {
     let ctx = || format!("listing {}", folder.display());
     let mut out: Vec<(String, PathBuf)> = Vec::new();
     for entry in std::fs::read_dir(folder).with_context(ctx)? {
         let path = entry.with_context(ctx)?.path();
         let hidden = path.file_name().and_then(|n| n.to_str()).is_none_or(|n| n.starts_with('.'));
-        if hidden || path.file_name().is_some_and(|n| n == "summary.json") {
+        if hidden || path.file_name().and_then(|n| n.to_str()).is_some_and(|n| COMPANIONS.contains(&n)) {
             continue;
         }
         let Some(name) = case_name(&path) else {
@@ -156,7 +159,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("unet3d-volume-cases-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join(".progress")).unwrap();
-        for f in ["b.nii.gz", "a.nii", "summary.json"] {
+        for f in ["b.nii.gz", "a.nii", "summary.json", "volumes.yaml"] {
             std::fs::write(dir.join(f), b"").unwrap();
         }
         let names: Vec<String> = cases(&dir).unwrap().into_iter().map(|(n, _)| n).collect();
