@@ -4,8 +4,23 @@
 //! OME-Zarr orders axes time, channel, then space; unet3d's arrays keep channels last, so only
 //! single-channel arrays (label maps, scalar regression targets) are described as images.
 
+use std::path::{Path, PathBuf};
+
 use serde::Serialize;
 use serde_json::Value;
+
+/// The `multiscales` a group at `dir` declares (OME-Zarr 0.5 under `ome` in a v3 group's
+/// `zarr.json`, 0.4 at the top of a v2 `.zattrs`); empty for anything else.
+pub fn multiscales_of(dir: &Path) -> Vec<Value> {
+    let read = |p: PathBuf| -> Option<Value> { serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok() };
+    let attrs = match (read(dir.join("zarr.json")), read(dir.join(".zattrs"))) {
+        (Some(v), _) if v["node_type"] == "group" => v["attributes"].clone(),
+        (_, Some(v)) => v,
+        _ => return Vec::new(),
+    };
+    let m = attrs.get("ome").unwrap_or(&attrs).get("multiscales");
+    m.and_then(Value::as_array).cloned().unwrap_or_default()
+}
 
 /// The version written.
 pub const VERSION: &str = "0.5";

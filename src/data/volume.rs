@@ -115,13 +115,7 @@ pub fn recorded_spacing(path: &Path, z: &ZarrArray) -> Result<Option<[f64; 3]>> 
     let (Some(parent), Some(level)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
         return Ok(None);
     };
-    let attrs = [parent.join("zarr.json"), parent.join(".zattrs")].into_iter().find_map(|p| {
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;
-        Some(if v.get("attributes").is_some() { v["attributes"].clone() } else { v })
-    });
-    let Some(attrs) = attrs else { return Ok(None) };
-    let multiscales = attrs.get("ome").map_or(&attrs, |o| o)["multiscales"].as_array().cloned();
-    for m in multiscales.unwrap_or_default() {
+    for m in super::ome::multiscales_of(parent) {
         for d in m["datasets"].as_array().into_iter().flatten() {
             if d["path"] != level {
                 continue;

@@ -19,7 +19,7 @@ use crate::config::OutputType;
 use crate::data::nifti::{self, NiftiHeader, NiftiType};
 use crate::data::volume::{self, case_name};
 use crate::data::zarr::{ChunkCache, ZarrArray, has_array_metadata};
-use crate::data::{VolumeArray, array::InMemoryArray, convert};
+use crate::data::{VolumeArray, array::InMemoryArray, convert, ome};
 
 /// Where a case's input is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,16 +139,7 @@ fn list_file(list: &Path, array: &str) -> Result<Vec<Case>> {
 /// The full-resolution array of an OME-Zarr image (the first `multiscales` dataset), if `path`
 /// is one.
 fn ome_level(path: &Path) -> Result<Option<PathBuf>> {
-    let read = |p: PathBuf| -> Option<serde_json::Value> {
-        serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
-    };
-    let attrs = match (read(path.join("zarr.json")), read(path.join(".zattrs"))) {
-        (Some(v), _) if v["node_type"] == "group" => v["attributes"].clone(),
-        (_, Some(v)) => v,
-        _ => return Ok(None),
-    };
-    let multiscales = attrs.get("ome").unwrap_or(&attrs).get("multiscales");
-    let Some(first) = multiscales.and_then(|m| m.get(0)) else { return Ok(None) };
+    let Some(first) = ome::multiscales_of(path).into_iter().next() else { return Ok(None) };
     let level = first["datasets"][0]["path"]
         .as_str()
         .with_context(|| format!("{}: OME-Zarr multiscales without a first dataset path", path.display()))?;
