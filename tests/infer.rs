@@ -317,6 +317,8 @@ fn raw_logits_of_a_one_window_volume_equal_the_network_forward() {
         targets: vec![target("sheet", 2), target("normals", 3)],
         provenance: serde_json::json!({"model": "tiny, seed 7"}),
         spacing: None,
+        pyramid_levels: 0,
+        image: None,
     };
     let dir = std::env::temp_dir().join(format!("unet3d-infer-logits-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -412,8 +414,14 @@ fn run_on(device: Device, v: &InMemoryArray, shape: [usize; 3]) -> (Vec<Vec<f32>
         labels: None,
     };
     let targets = vec![target("sheet", 2, Activation::Softmax), target("normals", 3, Activation::None)];
-    let job =
-        Job { window, targets, provenance: serde_json::json!({"model": "tiny, seed 5"}), spacing: None };
+    let job = Job {
+        window,
+        targets,
+        provenance: serde_json::json!({"model": "tiny, seed 5"}),
+        spacing: None,
+        pyramid_levels: 0,
+        image: None,
+    };
     let dir = std::env::temp_dir().join(format!("unet3d-infer-{device}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let opts = whole_job(&dir, 1 << 14);

@@ -86,15 +86,16 @@ fn options(dir: &Path, shard: &str) -> RunOptions {
 
 /// Runs the tests' job with `overlap` (part of what is recorded) into `opts.output_path`.
 fn infer(m: &Model, overlap: f64, opts: &RunOptions) -> anyhow::Result<Summary> {
-    infer_targets(m, overlap, opts, targets())
+    infer_targets(m, overlap, opts, targets(), 0)
 }
 
-/// The job writing only `targets`.
+/// The job writing only `targets`, with `pyramid_levels` below full resolution.
 fn infer_targets(
     m: &Model,
     overlap: f64,
     opts: &RunOptions,
     targets: Vec<OutputTarget>,
+    pyramid_levels: usize,
 ) -> anyhow::Result<Summary> {
     let v = volume();
     let norm = Normalizer::for_volume(&v, &[Normalization::ZScore], None, NanPolicy::Error).unwrap();
@@ -103,7 +104,7 @@ fn infer_targets(
     let channels = targets.iter().map(|t| t.channels).collect();
     let window = SlidingWindow::new(&v, &norm, &predictor, channels, [8, 8, 8], overlap, 3).unwrap();
     let provenance = serde_json::json!({"model": "tiny, seed 3", "normalization": format!("{norm:?}")});
-    run(&Job { window, targets, provenance, spacing: None }, opts)
+    run(&Job { window, targets, provenance, spacing: None, pyramid_levels, image: None }, opts)
 }
 
 /// Every file of the store (arrays and their chunks) by relative path.
@@ -155,6 +156,77 @@ fn shards_and_a_killed_rerun_give_the_bytes_of_one_run() {
     assert_eq!((again.computed, again.skipped), (0, 18));
     assert!(store_files(&whole) == reference);
     for d in [whole, sharded, killed] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+/// Levels below full resolution come from the streaming pass: shards that never see each other's
+/// blocks write the bytes of one run, a label map's level takes every f-th voxel, a value's level
+/// the mean of its box, and the group describes the label map's levels as one OME-Zarr image.
+#[test]
+fn pyramid_levels_from_shards_reduce_the_full_resolution() {
+    let m = model();
+    let mut ts = targets();
+    ts[0].labels = Some(unet3d::config::LabelRule::Threshold);
+    let whole = scratch_dir("pyramid-whole");
+    infer_targets(&m, 0.5, &options(&whole, "0/1"), ts.clone(), 2).unwrap();
+    let reference = store_files(&whole);
+    let sharded = scratch_dir("pyramid-sharded");
+    for shard in ["2/3", "0/3", "1/3"] {
+        infer_targets(&m, 0.5, &options(&sharded, shard), ts.clone(), 2).unwrap();
+    }
+    assert!(store_files(&sharded) == reference, "sharded levels differ from one run's");
+
+    let cache = ChunkCache::new(1 << 22);
+    let store = whole.join("predictions.zarr");
+    let open = |name: &str, c| ZarrArray::open(&store.join(name), c, &cache).unwrap();
+    let sheet = open("sheet", 1).read([0; 3], SHAPE).unwrap();
+    let normals = open("normals", 3).read([0; 3], SHAPE).unwrap();
+    let at = |z: usize, y: usize, x: usize| (z * SHAPE[1] + y) * SHAPE[2] + x;
+    for (k, f) in [(1, 2), (2, 4)] {
+        let shape = SHAPE.map(|n| n.div_ceil(f));
+        let level = open(&format!("sheet.{k}"), 1);
+        assert_eq!((level.shape(), level.dtype()), (shape, DType::U8), "level {k}");
+        let got = level.read([0; 3], shape).unwrap();
+        let normals_k = open(&format!("normals.{k}"), 3).read([0; 3], shape).unwrap();
+        for z in 0..shape[0] {
+            for y in 0..shape[1] {
+                for x in 0..shape[2] {
+                    let i = (z * shape[1] + y) * shape[2] + x;
+                    assert_eq!(got[i], sheet[at(z * f, y * f, x * f)], "sheet level {k} at {z},{y},{x}");
+                    // The mean of the box clipped to the volume, of the stored (rounded) values:
+                    // the level rounds the mean of unrounded ones, so they differ by under 1.
+                    let mut sum = [0.0f64; 3];
+                    let mut n = 0.0;
+                    for zz in z * f..((z + 1) * f).min(SHAPE[0]) {
+                        for yy in y * f..((y + 1) * f).min(SHAPE[1]) {
+                            for xx in x * f..((x + 1) * f).min(SHAPE[2]) {
+                                (0..3).for_each(|c| sum[c] += f64::from(normals[at(zz, yy, xx) * 3 + c]));
+                                n += 1.0;
+                            }
+                        }
+                    }
+                    for c in 0..3 {
+                        let d = (f64::from(normals_k[i * 3 + c]) - sum[c] / n).abs();
+                        assert!(d <= 1.0, "normals level {k} at {z},{y},{x},{c}: off by {d}");
+                    }
+                }
+            }
+        }
+    }
+    let group: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(store.join("zarr.json")).unwrap()).unwrap();
+    let images = group["attributes"]["ome"]["multiscales"].as_array().unwrap();
+    assert_eq!(images.len(), 1, "only the single-channel target is an image: {images:?}");
+    let datasets = &images[0]["datasets"];
+    for (k, (path, scale)) in [("sheet", 1.0), ("sheet.1", 2.0), ("sheet.2", 4.0)].iter().enumerate() {
+        // A label map's level samples the box's first voxel: a scale and no translation.
+        assert_eq!(
+            datasets[k],
+            serde_json::json!({"path": path, "coordinateTransformations": [{"type": "scale", "scale": [scale, scale, scale]}]})
+        );
+    }
+    for d in [whole, sharded] {
         std::fs::remove_dir_all(d).unwrap();
     }
 }
@@ -268,7 +340,7 @@ fn overwrite_removes_what_the_earlier_run_wrote_and_nothing_else() {
     let canary = dir.join("predictions.zarr/notes.txt");
     std::fs::write(&canary, b"mine").unwrap();
     let sheet_only = vec![targets().remove(0)];
-    infer_targets(&m, 0.5, &RunOptions { overwrite: true, ..options(&dir, "0/1") }, sheet_only.clone())
+    infer_targets(&m, 0.5, &RunOptions { overwrite: true, ..options(&dir, "0/1") }, sheet_only.clone(), 0)
         .unwrap();
     assert!(!dir.join("predictions.zarr/normals").exists(), "the target the new run does not write is gone");
     assert_eq!(std::fs::read(&canary).unwrap(), b"mine");
@@ -278,7 +350,7 @@ fn overwrite_removes_what_the_earlier_run_wrote_and_nothing_else() {
     std::fs::write(dir.join("predictions.zarr/sheet/data.txt"), b"keep").unwrap();
     let e = format!(
         "{:#}",
-        infer_targets(&m, 0.5, &RunOptions { overwrite: true, ..options(&dir, "0/1") }, sheet_only)
+        infer_targets(&m, 0.5, &RunOptions { overwrite: true, ..options(&dir, "0/1") }, sheet_only, 0)
             .unwrap_err()
     );
     assert!(e.contains("predictions.zarr/sheet") && e.contains("not a Zarr array"), "{e}");
@@ -394,7 +466,14 @@ fn infer_command_runs_from_a_config() {
     let mut t = targets().remove(0);
     (t.activation, t.output_type) = (Activation::None, OutputType::Float32);
     run(
-        &Job { window, targets: vec![t], provenance: serde_json::json!({}), spacing: None },
+        &Job {
+            window,
+            targets: vec![t],
+            provenance: serde_json::json!({}),
+            spacing: None,
+            pyramid_levels: 0,
+            image: None,
+        },
         &options(&lib, "0/1"),
     )
     .unwrap();

@@ -122,7 +122,7 @@ fn convert_train_predict_a_nifti_folder_and_evaluate() {
     let group: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(store.join("zarr.json")).unwrap()).unwrap();
     let spacing = nifti::read_header(&images.join("hippocampus_001.nii.gz")).unwrap().spacing;
-    check_ome_image(&group, &store, "label", spacing);
+    check_ome_image(&group, &store, "label", spacing, &[1.0]);
     let out = dir.join("zarr-summary.json");
     ok(unet3d(&[
         "evaluate",
@@ -144,6 +144,69 @@ fn convert_train_predict_a_nifti_folder_and_evaluate() {
         assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 0.01, "label {label}: {a} vs {b}");
     }
 
+    // An OME-Zarr image in: the label map comes out as its label image (`labels/label`, with a
+    // level at half resolution from the same pass) naming the input as its source.
+    let image = dir.join("hippocampus_001.ome.zarr");
+    copy_dir(&zarr.join("hippocampus_001.zarr/input"), &image.join("0"));
+    let axes: Vec<_> = ["z", "y", "x"]
+        .map(|a| serde_json::json!({"name": a, "type": "space", "unit": "millimeter"}))
+        .to_vec();
+    let ome = serde_json::json!({"zarr_format": 3, "node_type": "group", "attributes": {"ome": {"version": "0.5",
+        "multiscales": [{"name": "image", "axes": axes, "datasets": [{"path": "0",
+            "coordinateTransformations": [{"type": "scale", "scale": spacing}]}]}]}}});
+    std::fs::write(image.join("zarr.json"), ome.to_string()).unwrap();
+    let opred = dir.join("pred-ome");
+    let args = ["infer", "--checkpoint", s(&model), "--input", s(&image), "--output", s(&opred)];
+    ok(unet3d(&[&args[..], &["--pyramid-levels", "1"]].concat()));
+    let store = opred.join("predictions.zarr");
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p.join("zarr.json")).unwrap()).unwrap()
+    };
+    let labels = read(&store.join("labels"));
+    assert_eq!(labels["attributes"]["ome"], serde_json::json!({"version": "0.5", "labels": ["label"]}));
+    let label = store.join("labels/label");
+    let group = read(&label);
+    check_ome_image(&group, &label, "label", spacing, &[1.0, 2.0]);
+    let source = group["attributes"]["ome"]["image-label"]["source"]["image"].as_str().unwrap();
+    assert_eq!(label.join(source).canonicalize().unwrap(), image.canonicalize().unwrap(), "{source}");
+    // Level 1 takes every second voxel of the label map.
+    let full = unet3d::data::volume::read(&label.join("0"), None).unwrap();
+    let half = unet3d::data::volume::read(&label.join("1"), None).unwrap();
+    assert_eq!(half.shape, full.shape.map(|n| n.div_ceil(2)));
+    let [_, h, w] = full.shape;
+    for (i, v) in half.data.iter().enumerate() {
+        let (z, y, x) =
+            (i / (half.shape[1] * half.shape[2]), i / half.shape[2] % half.shape[1], i % half.shape[2]);
+        assert_eq!(*v, full.data[((2 * z) * h + 2 * y) * w + 2 * x], "level 1 at {z},{y},{x}");
+    }
+    // evaluate opens the label image by its path in the store: the same voxels as the Zarr case's.
+    let out = dir.join("ome-summary.json");
+    let refs_001 = refs.join("hippocampus_001.nii.gz");
+    ok(unet3d(&[
+        "evaluate",
+        "--pred",
+        s(&store),
+        "--pred-array",
+        "labels/label",
+        "--ref",
+        s(&refs_001),
+        "--labels",
+        "1,2",
+        "--output",
+        s(&out),
+    ]));
+    let o: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(o["mean"], z["mean"]);
+    // Levels that do not divide the window's chunks are refused before anything is written.
+    let e = unet3d(&[&args[..], &["--pyramid-levels", "5", "--overwrite"]].concat());
+    let e = String::from_utf8_lossy(&e.stderr);
+    assert!(e.contains("pyramid_levels") && e.contains("ask for 4 levels"), "{e}");
+    assert_eq!(read(&label)["attributes"], group["attributes"], "the refused run changed nothing");
+    // Probabilities are no label image: --overwrite replaces the label image and its group.
+    ok(unet3d(&[&args[..], &["--save-probabilities", "--overwrite"]].concat()));
+    assert!(!store.join("labels").exists(), "the earlier run's label image is removed");
+    assert_eq!(read(&store.join("label"))["shape"], serde_json::json!([35, 51, 35, 3]));
+
     // The output folder refuses files it did not write; a folder with a stray file names it.
     let foreign = dir.join("foreign");
     std::fs::create_dir_all(foreign.join("label")).unwrap();
@@ -164,8 +227,9 @@ fn convert_train_predict_a_nifti_folder_and_evaluate() {
 
 /// The fields OME-Zarr 0.5 requires of an image group (ome.version, multiscales with axes and
 /// datasets, one scale transformation per dataset of the axes' length, space axes with a unit
-/// from the spec's list), and that the dataset is a 3D array of the group.
-fn check_ome_image(group: &serde_json::Value, store: &Path, image: &str, spacing: [f64; 3]) {
+/// from the spec's list), and that each dataset is a 3D array of the group, its scale the spacing
+/// times its level's factor.
+fn check_ome_image(group: &serde_json::Value, store: &Path, image: &str, spacing: [f64; 3], factors: &[f64]) {
     assert_eq!((&group["zarr_format"], &group["node_type"]), (&3.into(), &"group".into()), "{group}");
     let ome = &group["attributes"]["ome"];
     assert_eq!(ome["version"], "0.5");
@@ -176,12 +240,12 @@ fn check_ome_image(group: &serde_json::Value, store: &Path, image: &str, spacing
         assert_eq!((&a["type"], &a["unit"]), (&"space".into(), &"millimeter".into()), "{a}");
     }
     let datasets = m["datasets"].as_array().unwrap();
-    assert!(!datasets.is_empty());
-    for d in datasets {
+    assert_eq!(datasets.len(), factors.len());
+    for (d, f) in datasets.iter().zip(factors) {
         let t = d["coordinateTransformations"].as_array().unwrap();
         assert_eq!(t[0]["type"], "scale", "the first transformation is a scale");
         let scale: Vec<f64> = serde_json::from_value(t[0]["scale"].clone()).unwrap();
-        assert_eq!(scale, spacing.to_vec());
+        assert_eq!(scale, spacing.map(|s| s * f).to_vec());
         let array: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(store.join(d["path"].as_str().unwrap()).join("zarr.json")).unwrap(),
         )
@@ -190,5 +254,14 @@ fn check_ome_image(group: &serde_json::Value, store: &Path, image: &str, spacing
             (&array["node_type"], array["shape"].as_array().unwrap().len()),
             (&"array".into(), axes.len())
         );
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        let dest = to.join(p.file_name().unwrap());
+        if p.is_dir() { copy_dir(&p, &dest) } else { std::fs::copy(&p, &dest).map(drop).unwrap() }
     }
 }

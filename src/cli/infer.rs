@@ -13,9 +13,9 @@ use signal_hook::consts::{SIGTERM, SIGUSR1};
 use super::{EXIT_RERUN, ThreadArgs, Unfinished};
 use crate::config::{Config, Normalization};
 use crate::data::normalize::{Normalizer, VolumeStats};
-use crate::data::volume;
 use crate::data::zarr::{ChunkCache, ZarrArray};
 use crate::data::{TargetKind, VolumeArray};
+use crate::data::{ome, volume};
 use crate::device::Device;
 use crate::infer::cases::{self, CaseOutput, Inputs};
 use crate::infer::{
@@ -82,6 +82,10 @@ struct KeyFlags {
     /// values) instead of label maps.
     #[arg(long)]
     save_probabilities: bool,
+    /// inference_config.pyramid_levels: write this many lower-resolution levels beside each Zarr
+    /// output (OME-Zarr multiscales), for viewers.
+    #[arg(long, value_name = "N")]
+    pyramid_levels: Option<usize>,
     /// The same as --mirroring false: one prediction per window.
     #[arg(long, conflicts_with = "mirroring")]
     no_mirroring: bool,
@@ -165,6 +169,9 @@ impl KeyFlags {
         }
         if self.save_probabilities {
             set("save_probabilities", "true".to_string());
+        }
+        if let Some(n) = self.pyramid_levels {
+            set("pyramid_levels", n.to_string());
         }
         if let Some(m) = self.mirroring.or(self.no_mirroring.then_some(false)) {
             set("mirroring", m.to_string());
@@ -309,8 +316,12 @@ impl InferArgs {
                 let input = ZarrArray::open(&path, dc.in_channels, &cache)
                     .with_context(|| format!("inference_config.input_path {input_path}"))?;
                 let input = if dc.allow_missing_chunks { input } else { input.refusing_missing_chunks() };
-                let spacing = volume::recorded_spacing(&path, &input)?;
-                let summary = job.predict(&input, &path.display().to_string(), spacing, &opts)?;
+                let described = Described {
+                    spacing: volume::recorded_spacing(&path, &input)?,
+                    image: ome::image_of(&path),
+                    pyramid_levels: ic.pyramid_levels,
+                };
+                let summary = job.predict(&input, &path.display().to_string(), described, &opts)?;
                 report(&summary, shard, began);
                 println!("output: {}", opts.layout.store.display());
                 return match summary.stopped {
@@ -338,7 +349,11 @@ impl InferArgs {
             println!("case {}/{} {}", n + 1, mine.len(), case.name);
             opts.layout = out.layout.clone();
             let input = opened.array.as_ref();
-            let summary = job.predict(input, input.name(), opened.spacing, &opts)?;
+            // A NIfTI case's working store becomes one file: no levels.
+            let pyramid_levels = if opened.header.is_some() { 0 } else { ic.pyramid_levels };
+            let described =
+                Described { spacing: opened.spacing, image: opened.image.clone(), pyramid_levels };
+            let summary = job.predict(input, input.name(), described, &opts)?;
             if let Some(m) = &mut opts.max_blocks {
                 *m -= summary.computed;
             }
@@ -364,6 +379,14 @@ impl InferArgs {
     }
 }
 
+/// How one volume's outputs are described: its geometry, the OME-Zarr image it belongs to, and
+/// the levels written.
+struct Described {
+    spacing: Option<[f64; 3]>,
+    image: Option<PathBuf>,
+    pyramid_levels: usize,
+}
+
 /// What every volume of one `infer` command shares.
 struct CaseJob<'a> {
     config: &'a Config,
@@ -381,7 +404,7 @@ impl CaseJob<'_> {
         &self,
         input: &dyn VolumeArray,
         input_name: &str,
-        spacing: Option<[f64; 3]>,
+        described: Described,
         opts: &RunOptions,
     ) -> Result<run::Summary> {
         let dc = &self.config.dataset_config;
@@ -425,7 +448,9 @@ impl CaseJob<'_> {
             mirroring_axes: self.mirror_axes.clone(),
             device: self.device.to_string(),
         })?;
-        run::run(&Job { window, targets: self.targets.to_vec(), provenance, spacing }, opts)
+        let Described { spacing, image, pyramid_levels } = described;
+        let job = Job { window, targets: self.targets.to_vec(), provenance, spacing, pyramid_levels, image };
+        run::run(&job, opts)
     }
 }
 

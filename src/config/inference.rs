@@ -63,6 +63,8 @@ pub struct InferenceConfig {
     pub mirroring: bool,
     /// Write label targets' activated values (probabilities) instead of their label maps.
     pub save_probabilities: bool,
+    /// Lower-resolution levels written beside each Zarr output (`infer::pyramid`), for viewers.
+    pub pyramid_levels: usize,
     /// (target, [lo, hi]): the values an integer output's 0..max stands for, per regression target.
     pub ranges: Vec<(String, [f64; 2])>,
     pub num_dataloader_workers: usize,
@@ -180,6 +182,7 @@ pub(crate) fn read_inference_config(
         activations,
         mirroring: s.get("mirroring", true, &boolean)?,
         save_probabilities: s.get("save_probabilities", false, &boolean)?,
+        pyramid_levels: s.get("pyramid_levels", 0, &count_from(0))?,
         num_dataloader_workers: s.get("num_dataloader_workers", 4, &count_from(0))?,
         ranges,
     };

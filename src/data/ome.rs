@@ -2,12 +2,15 @@
 //! MoBIE) open an output in its physical geometry.
 //!
 //! OME-Zarr orders axes time, channel, then space; unet3d's arrays keep channels last, so only
-//! single-channel arrays (label maps, scalar regression targets) are described as images.
+//! single-channel arrays (label maps, scalar regression targets) are described as images. Label
+//! maps of an OME-Zarr input are label images (`labels` group, `image-label` metadata) that name
+//! the input image as their source.
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
+use anyhow::{Context, Result, ensure};
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// The `multiscales` a group at `dir` declares (OME-Zarr 0.5 under `ome` in a v3 group's
 /// `zarr.json`, 0.4 at the top of a v2 `.zattrs`); empty for anything else.
@@ -37,7 +40,8 @@ struct Axis {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum Transform {
-    Scale { scale: Vec<f64> },
+    Scale { scale: [f64; 3] },
+    Translation { translation: [f64; 3] },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -54,23 +58,126 @@ struct Multiscale {
     datasets: Vec<Dataset>,
 }
 
-/// The `attributes` of a group holding one single-level 3D image per entry of `arrays` (each an
-/// array of the group, by name): one `multiscales` entry each, axes z, y, x, scaled by `spacing`
-/// in millimetres (unitless scale 1 when the input recorded none).
-pub fn multiscales(arrays: &[&str], spacing: Option<[f64; 3]>) -> Value {
-    let unit = spacing.map(|_| "millimeter");
-    let axes: Vec<Axis> = ["z", "y", "x"].iter().map(|&name| Axis { name, kind: "space", unit }).collect();
-    let scale = spacing.unwrap_or([1.0; 3]).to_vec();
-    let images: Vec<Multiscale> = arrays
+/// One resolution level of an image: its array (a path relative to the group that declares the
+/// image) and where its voxels sit, in units of the full-resolution voxel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Level {
+    pub path: String,
+    /// How many full-resolution voxels one voxel spans per axis (1 at full resolution).
+    pub factor: [usize; 3],
+    /// Where a voxel's centre is, in full-resolution voxels from the first one's: 0 when a level
+    /// samples its first voxel, (factor - 1) / 2 when it averages its box.
+    pub offset: [f64; 3],
+}
+
+/// A 3D image with its levels, finest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Image {
+    pub name: String,
+    pub levels: Vec<Level>,
+}
+
+impl Image {
+    fn multiscale(&self, spacing: Option<[f64; 3]>) -> Multiscale {
+        let unit = spacing.map(|_| "millimeter");
+        let mm = spacing.unwrap_or([1.0; 3]);
+        let datasets = self
+            .levels
+            .iter()
+            .map(|l| {
+                let mut transforms =
+                    vec![Transform::Scale { scale: std::array::from_fn(|a| mm[a] * l.factor[a] as f64) }];
+                if l.offset != [0.0; 3] {
+                    transforms.push(Transform::Translation {
+                        translation: std::array::from_fn(|a| mm[a] * l.offset[a]),
+                    });
+                }
+                Dataset { path: l.path.clone(), transforms }
+            })
+            .collect();
+        Multiscale {
+            name: self.name.clone(),
+            axes: ["z", "y", "x"].iter().map(|&name| Axis { name, kind: "space", unit }).collect(),
+            datasets,
+        }
+    }
+}
+
+/// The `attributes` of a group declaring `images` (arrays of the group): one `multiscales` entry
+/// each, axes z, y, x scaled by `spacing` in millimetres (unitless, full-resolution scale 1 when
+/// the input recorded none).
+pub fn multiscales(images: &[Image], spacing: Option<[f64; 3]>) -> Value {
+    let images: Vec<Multiscale> = images.iter().map(|i| i.multiscale(spacing)).collect();
+    json!({"ome": {"version": VERSION, "multiscales": images}})
+}
+
+/// The `attributes` of an image's `labels` group, which lists its label images by name.
+pub fn labels(names: &[&str]) -> Value {
+    json!({"ome": {"version": VERSION, "labels": names}})
+}
+
+/// The `attributes` of a label image: its multiscales and `image-label` metadata, with the path of
+/// the image it labels relative to this group (the spec's default, `../../`, is an image holding
+/// the `labels` group; a prediction's labels live beside the image instead).
+pub fn label_image(image: &Image, spacing: Option<[f64; 3]>, source: Option<&str>) -> Value {
+    let mut label = json!({});
+    if let Some(s) = source {
+        label["source"] = json!({"image": s});
+    }
+    json!({"ome": {"version": VERSION, "multiscales": [image.multiscale(spacing)], "image-label": label}})
+}
+
+/// The full-resolution array of an OME-Zarr image (its first `multiscales` dataset), if `dir` is
+/// one.
+pub fn full_resolution(dir: &Path) -> Result<Option<PathBuf>> {
+    let Some(first) = multiscales_of(dir).into_iter().next() else { return Ok(None) };
+    let level = first["datasets"][0]["path"]
+        .as_str()
+        .with_context(|| format!("{}: OME-Zarr multiscales without a first dataset path", dir.display()))?;
+    ensure!(
+        Path::new(level).components().all(|c| matches!(c, Component::Normal(_))) && !level.starts_with('.'),
+        "{}: multiscales dataset path '{level}' is not an array inside the image",
+        dir.display()
+    );
+    Ok(Some(dir.join(level)))
+}
+
+/// The OME-Zarr image group whose multiscales list the array at `array`, if one does.
+pub fn image_of(array: &Path) -> Option<PathBuf> {
+    let (group, name) = (array.parent()?, array.file_name()?.to_str()?);
+    let listed = multiscales_of(group)
         .iter()
-        .map(|a| Multiscale {
-            name: a.to_string(),
-            axes: axes.clone(),
-            datasets: vec![Dataset {
-                path: a.to_string(),
-                transforms: vec![Transform::Scale { scale: scale.clone() }],
-            }],
-        })
-        .collect();
-    serde_json::json!({"ome": {"version": VERSION, "multiscales": images}})
+        .any(|m| m["datasets"].as_array().into_iter().flatten().any(|d| d["path"] == name));
+    listed.then(|| group.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_scale_by_their_factor_and_shift_by_their_offset() {
+        let image = Image {
+            name: "seg".into(),
+            levels: vec![
+                Level { path: "seg".into(), factor: [1; 3], offset: [0.0; 3] },
+                Level { path: "seg.1".into(), factor: [1, 2, 2], offset: [0.0, 0.5, 0.5] },
+            ],
+        };
+        let m = multiscales(std::slice::from_ref(&image), Some([3.0, 0.5, 0.5]));
+        let d = &m["ome"]["multiscales"][0]["datasets"];
+        assert_eq!(d[0]["coordinateTransformations"], json!([{"type": "scale", "scale": [3.0, 0.5, 0.5]}]));
+        assert_eq!(
+            d[1]["coordinateTransformations"],
+            json!([{"type": "scale", "scale": [3.0, 1.0, 1.0]}, {"type": "translation", "translation": [0.0, 0.25, 0.25]}])
+        );
+        assert_eq!(
+            m["ome"]["multiscales"][0]["axes"][0],
+            json!({"name": "z", "type": "space", "unit": "millimeter"})
+        );
+        let l = label_image(&image, None, Some("../../../in.ome.zarr"));
+        assert_eq!(l["ome"]["image-label"], json!({"source": {"image": "../../../in.ome.zarr"}}));
+        assert_eq!(l["ome"]["multiscales"][0]["axes"][2], json!({"name": "x", "type": "space"}));
+        assert_eq!(labels(&["seg"]), json!({"ome": {"version": "0.5", "labels": ["seg"]}}));
+    }
 }

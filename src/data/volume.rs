@@ -1,7 +1,7 @@
 //! Whole volumes with their geometry, read from a NIfTI file or a Zarr array, and folders of
 //! them as cases: what `unet3d evaluate` compares and what folder-wide jobs enumerate.
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
 
@@ -69,7 +69,8 @@ pub fn cases(folder: &Path) -> Result<Vec<(String, PathBuf)>> {
     Ok(out)
 }
 
-/// Reads a whole volume: a NIfTI file, a Zarr array, or the array `array` inside a Zarr group.
+/// Reads a whole volume: a NIfTI file, a Zarr array, the array `array` inside a Zarr group, or
+/// an OME-Zarr image's full resolution.
 /// A 4D Zarr array has its channels last (unet3d's layout).
 pub fn read(path: &Path, array: Option<&str>) -> Result<Volume> {
     let file = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
@@ -87,13 +88,16 @@ pub fn read(path: &Path, array: Option<&str>) -> Result<Volume> {
     let path: PathBuf = match array {
         Some(a) if !has_array_metadata(path) => {
             ensure!(
-                Path::new(a).components().count() == 1 && !a.starts_with('.'),
-                "--array {a}: not the name of an array inside a store"
+                Path::new(a).components().all(|c| matches!(c, Component::Normal(_))) && !a.starts_with('.'),
+                "--array {a}: not the path of an array inside a store"
             );
             path.join(a)
         }
         _ => path.to_path_buf(),
     };
+    // An OME-Zarr image (a prediction's label image, say) is read at full resolution.
+    let path =
+        if has_array_metadata(&path) { path } else { super::ome::full_resolution(&path)?.unwrap_or(path) };
     let cache = ChunkCache::new(64 << 20);
     let z = ZarrArray::open_channels_last(&path, &cache)?;
     let (shape, channels) = (z.shape(), z.channels());

@@ -60,7 +60,7 @@ pub fn resolve(input: &Path, array: &str) -> Result<Inputs> {
         );
         return list_file(input, array).map(Inputs::Cases);
     }
-    if let Some(level) = ome_level(input)? {
+    if let Some(level) = ome::full_resolution(input)? {
         return Ok(Inputs::Volume(level));
     }
     if has_array_metadata(input) {
@@ -91,7 +91,7 @@ fn case(path: &Path, array: &str) -> Result<Case> {
         .with_context(|| format!("{}: not a case (a .nii, .nii.gz or .zarr)", path.display()))?;
     let source = if is_nifti(path) {
         Source::Nifti(path.to_path_buf())
-    } else if let Some(level) = ome_level(path)? {
+    } else if let Some(level) = ome::full_resolution(path)? {
         Source::Zarr(level)
     } else {
         ensure!(
@@ -136,21 +136,6 @@ fn list_file(list: &Path, array: &str) -> Result<Vec<Case>> {
     Ok(cases)
 }
 
-/// The full-resolution array of an OME-Zarr image (the first `multiscales` dataset), if `path`
-/// is one.
-fn ome_level(path: &Path) -> Result<Option<PathBuf>> {
-    let Some(first) = ome::multiscales_of(path).into_iter().next() else { return Ok(None) };
-    let level = first["datasets"][0]["path"]
-        .as_str()
-        .with_context(|| format!("{}: OME-Zarr multiscales without a first dataset path", path.display()))?;
-    ensure!(
-        Path::new(level).components().count() == 1 && !level.starts_with('.'),
-        "{}: multiscales dataset path '{level}' is not an array inside the image",
-        path.display()
-    );
-    Ok(Some(path.join(level)))
-}
-
 /// A case's input, opened.
 pub struct Opened {
     pub array: Box<dyn VolumeArray>,
@@ -158,6 +143,8 @@ pub struct Opened {
     pub header: Option<NiftiHeader>,
     /// Voxel size (D, H, W) in mm, if the input records one.
     pub spacing: Option<[f64; 3]>,
+    /// The OME-Zarr image a Zarr input is a level of, if it is one.
+    pub image: Option<PathBuf>,
 }
 
 /// Opens a case's input for reading. A Zarr chunk missing from the store is an error unless
@@ -168,7 +155,7 @@ pub fn open(case: &Case, channels: usize, allow_missing_chunks: bool, cache: &Ch
             let array = ZarrArray::open(p, channels, cache)?;
             let spacing = volume::recorded_spacing(p, &array)?;
             let array = if allow_missing_chunks { array } else { array.refusing_missing_chunks() };
-            Ok(Opened { array: Box::new(array), header: None, spacing })
+            Ok(Opened { array: Box::new(array), header: None, spacing, image: ome::image_of(p) })
         }
         Source::Nifti(p) => {
             let img = nifti::read(p)?;
@@ -183,7 +170,7 @@ pub fn open(case: &Case, channels: usize, allow_missing_chunks: bool, cache: &Ch
             // would see after a conversion.
             let dtype = convert::input_dtype(&[&h]);
             let array = InMemoryArray::new(p.display().to_string(), h.shape, channels, dtype, img.data)?;
-            Ok(Opened { array: Box::new(array), spacing: Some(h.spacing), header: Some(h) })
+            Ok(Opened { array: Box::new(array), spacing: Some(h.spacing), header: Some(h), image: None })
         }
     }
 }

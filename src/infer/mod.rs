@@ -4,6 +4,7 @@ pub mod blend;
 pub mod cases;
 pub mod gaussian;
 pub mod predictor;
+pub mod pyramid;
 pub mod run;
 pub mod shard;
 pub mod tiles;

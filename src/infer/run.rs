@@ -25,6 +25,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
 use super::blend::{OutputTarget, SlidingWindow, finish};
+use super::pyramid::{Pyramid, Reduction, reduce};
 use super::shard::{Blocks, Shard};
 use crate::config::{self, OutputType};
 use crate::data::finite::NonFinite;
@@ -47,6 +48,18 @@ pub struct Job<'a> {
     pub provenance: Value,
     /// The input's voxel size (D, H, W) in mm, if it records one: the store's OME-Zarr scale.
     pub spacing: Option<[f64; 3]>,
+    /// Lower-resolution levels written beside each target (`infer::pyramid`).
+    pub pyramid_levels: usize,
+    /// The OME-Zarr image the input is a level of, if it is: single-channel label maps are then
+    /// written as its label images (`labels/<target>`, naming it as their source).
+    pub image: Option<PathBuf>,
+}
+
+impl Job<'_> {
+    /// Whether `target` is written as a label image of the input's OME-Zarr image.
+    fn label_image(&self, target: &OutputTarget) -> bool {
+        self.image.is_some() && target.labels.is_some() && target.stored().0 == 1
+    }
 }
 
 /// How a job runs; none of this changes the output bytes.
@@ -121,8 +134,27 @@ impl Layout {
         Layout { store: output_path.join("predictions.zarr"), progress: output_path.join(".progress") }
     }
 
+    /// A target's full-resolution array (not a label image).
     pub fn array(&self, target: &str) -> PathBuf {
-        self.store.join(target)
+        self.level(target, 0, false)
+    }
+
+    /// Level `k` of a target: `<target>` and `<target>.<k>` in the store (target names hold no
+    /// dot), or `labels/<target>/<k>` for a label image.
+    pub fn level(&self, target: &str, k: usize, label_image: bool) -> PathBuf {
+        match (label_image, k) {
+            (true, _) => self.label_image(target).join(k.to_string()),
+            (false, 0) => self.store.join(target),
+            (false, _) => self.store.join(format!("{target}.{k}")),
+        }
+    }
+
+    fn labels(&self) -> PathBuf {
+        self.store.join("labels")
+    }
+
+    fn label_image(&self, target: &str) -> PathBuf {
+        self.labels().join(target)
     }
 
     fn record(&self) -> PathBuf {
@@ -170,9 +202,18 @@ pub fn run(job: &Job<'_>, opts: &RunOptions) -> Result<Summary> {
         "targets": job.targets,
         "provenance": job.provenance,
     });
+    let pyramid = Pyramid::new(job.pyramid_levels, grid.shape, job.spacing, chunk)?;
+    // Only where they apply, so an output begun before they existed still resumes.
+    let mut settings = settings;
+    if !pyramid.is_empty() {
+        settings["pyramid_levels"] = json!(pyramid.len());
+    }
+    if job.targets.iter().any(|t| job.label_image(t)) {
+        settings["label_images"] = json!(true);
+    }
     let bytes_per_voxel = 4 * (1 + job.targets.iter().map(|t| t.channels).sum::<usize>());
     let blocks = Blocks::fitting(grid.shape, chunk, bytes_per_voxel, opts.block_bytes)?;
-    let writers = open_store(layout, job, opts, &settings, blocks, chunk)?;
+    let writers = open_store(layout, job, opts, &settings, blocks, chunk, &pyramid)?;
     let blocks = read_record(layout)?.1;
 
     let mine = opts.shard.blocks(blocks.len());
@@ -229,10 +270,18 @@ pub fn run(job: &Job<'_>, opts: &RunOptions) -> Result<Summary> {
             }
             let values = finish(target, logits);
             let channels = target.stored().0;
-            writer.erase_region(lo, size)?;
+            let (full, levels) = writer.split_first().expect("every target has its full resolution");
+            full.erase_region(lo, size)?;
             for (start, n) in blocks.chunks_in(lo, size) {
                 let data = sub_box(&values, size, channels, sub(start, lo), n);
-                writer.write_region(start, n, &data)?;
+                full.write_region(start, n, &data)?;
+            }
+            for (k, level) in (1..).zip(levels) {
+                let (at, n) = pyramid.region(k, lo, size);
+                let (data, reduced) = reduce(&values, size, channels, pyramid.factor(k), reduction(target));
+                debug_assert_eq!(reduced, n);
+                level.erase_region(at, n)?;
+                level.write_region(at, n, &data)?;
             }
         }
         write_atomic(&layout.finished(b), b"")?;
@@ -279,6 +328,11 @@ fn log_block(bar: &ProgressBar, n: usize, of: usize, block: usize, device: Optio
     eprintln!(
         "infer: block {block} done ({n}/{of}): {done}/{total} windows, {rate:.2} windows/s, ETA {eta:.0}s{device}"
     );
+}
+
+/// Label maps keep classes; values average.
+fn reduction(target: &OutputTarget) -> Reduction {
+    if target.labels.is_some() { Reduction::First } else { Reduction::Mean }
 }
 
 fn sub(a: [usize; 3], b: [usize; 3]) -> [usize; 3] {
@@ -333,9 +387,9 @@ fn claim(path: &Path, record: &Value) -> Result<bool> {
 }
 
 /// Claims the output or checks this job against its claim, then creates the arrays no job has
-/// created yet and opens the rest. With `overwrite` (one job only) it first removes the earlier
-/// run's progress and every array of `predictions.zarr` that unet3d infer wrote, including targets
-/// this run does not write.
+/// created yet and opens the rest: per target, its full resolution and then its pyramid levels.
+/// With `overwrite` (one job only) it first removes the earlier run's progress and every array of
+/// the store that unet3d infer wrote, including targets this run does not write.
 fn open_store(
     layout: &Layout,
     job: &Job<'_>,
@@ -343,7 +397,11 @@ fn open_store(
     settings: &Value,
     blocks: Blocks,
     chunk: [usize; 3],
-) -> Result<Vec<ZarrWriter>> {
+    pyramid: &Pyramid,
+) -> Result<Vec<Vec<ZarrWriter>>> {
+    let levels = |t: &OutputTarget| -> Vec<PathBuf> {
+        (0..=pyramid.len()).map(|k| layout.level(&t.name, k, job.label_image(t))).collect()
+    };
     if opts.overwrite {
         ensure!(
             opts.shard.count == 1,
@@ -351,10 +409,9 @@ fn open_store(
             opts.shard,
             layout.store.display()
         );
-        remove_earlier(layout, job)?;
+        remove_earlier(layout, job.targets.iter().flat_map(levels))?;
     } else if !layout.record().exists() {
-        for t in &job.targets {
-            let path = layout.array(&t.name);
+        for path in job.targets.iter().flat_map(levels) {
             ensure!(
                 !path.exists(),
                 "{}: already exists and was not written by unet3d infer (no {}); refusing to \
@@ -380,60 +437,135 @@ fn open_store(
             );
         }
     }
-    // The single-channel targets as OME-Zarr images (the same bytes from every job).
-    let images: Vec<&str> =
-        job.targets.iter().filter(|t| t.stored().0 == 1).map(|t| t.name.as_str()).collect();
-    zarr::write_group_attributes(&layout.store, ome::multiscales(&images, job.spacing))?;
+    describe(layout, job, pyramid)?;
+    let grid = &job.window.grid;
     job.targets
         .iter()
         .map(|t| {
             let (channels, stored) = t.stored();
-            let spec = ArraySpec {
-                shape: job.window.grid.shape,
-                channels,
-                chunks: chunk,
-                dtype: dtype(stored),
-                attributes: json!({"unet3d": {"target": t, "settings": settings}})
-                    .as_object()
-                    .cloned()
-                    .unwrap_or_default(),
-            };
-            ZarrWriter::create_or_open(&layout.array(&t.name), &spec)
+            levels(t)
+                .into_iter()
+                .enumerate()
+                .map(|(k, path)| {
+                    let mut unet3d = json!({"target": t, "settings": settings});
+                    if k > 0 {
+                        unet3d["level"] = json!(k);
+                    }
+                    let (shape, chunks) =
+                        if k == 0 { (grid.shape, chunk) } else { (pyramid.shape(k), pyramid.chunk(k)) };
+                    let spec = ArraySpec {
+                        shape,
+                        channels,
+                        chunks,
+                        dtype: dtype(stored),
+                        attributes: json!({"unet3d": unet3d}).as_object().cloned().unwrap_or_default(),
+                    };
+                    ZarrWriter::create_or_open(&path, &spec)
+                })
+                .collect()
         })
         .collect()
 }
 
-/// What `--overwrite` replaces: `.progress`, and in `predictions.zarr` this run's target arrays
-/// (any Zarr array by that name) and every other array unet3d infer wrote (its `unet3d`
-/// attribute says so). Anything else there stays.
-fn remove_earlier(layout: &Layout, job: &Job<'_>) -> Result<()> {
+/// Writes the store's OME-Zarr metadata (the same bytes from every job): the single-channel
+/// targets as images of the store's group, and label images under `labels/`, whose source is the
+/// input's image.
+fn describe(layout: &Layout, job: &Job<'_>, pyramid: &Pyramid) -> Result<()> {
+    let image = |t: &OutputTarget, path: String, level: &dyn Fn(usize) -> String| ome::Image {
+        name: t.name.clone(),
+        levels: pyramid.ome_levels(path, level, reduction(t)),
+    };
+    let images: Vec<ome::Image> = job
+        .targets
+        .iter()
+        .filter(|t| t.stored().0 == 1 && !job.label_image(t))
+        .map(|t| image(t, t.name.clone(), &|k| format!("{}.{k}", t.name)))
+        .collect();
+    let attributes = if images.is_empty() { json!({}) } else { ome::multiscales(&images, job.spacing) };
+    zarr::write_group_attributes(&layout.store, attributes)?;
+    let labels: Vec<&OutputTarget> = job.targets.iter().filter(|t| job.label_image(t)).collect();
+    if labels.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = labels.iter().map(|t| t.name.as_str()).collect();
+    zarr::write_group_attributes(&layout.labels(), ome::labels(&names))?;
+    for t in labels {
+        let group = layout.label_image(&t.name);
+        std::fs::create_dir_all(&group).with_context(|| format!("creating {}", group.display()))?;
+        let source = job.image.as_deref().and_then(|i| relative(i, &group));
+        let mut attributes =
+            ome::label_image(&image(t, "0".into(), &|k| k.to_string()), job.spacing, source.as_deref());
+        attributes["unet3d"] = json!({"label_image": t.name});
+        zarr::write_group_attributes(&group, attributes)?;
+    }
+    Ok(())
+}
+
+/// `to` relative to the folder `from` (both existing), with `/` between names; None where no
+/// relative path leads there.
+fn relative(to: &Path, from: &Path) -> Option<String> {
+    let path = pathdiff::diff_paths(to.canonicalize().ok()?, from.canonicalize().ok()?)?;
+    let names: Option<Vec<&str>> = path.components().map(|c| c.as_os_str().to_str()).collect();
+    Some(names?.join("/"))
+}
+
+/// What `--overwrite` replaces: `.progress`, this run's arrays (`paths`: any Zarr array there),
+/// and every other array of the store and its label images that unet3d infer wrote (its `unet3d`
+/// attribute says so), then the label images and `labels` group left empty. Anything else there
+/// stays.
+fn remove_earlier(layout: &Layout, paths: impl Iterator<Item = PathBuf>) -> Result<()> {
     if layout.progress.exists() {
         std::fs::remove_dir_all(&layout.progress)
             .with_context(|| format!("removing {}", layout.progress.display()))?;
     }
-    for t in &job.targets {
-        let path = layout.array(&t.name);
+    for path in paths {
         if path.exists() {
             zarr::remove_array(&path)?;
         }
     }
-    let entries = match std::fs::read_dir(&layout.store) {
+    remove_ours(&layout.store)?;
+    let Ok(labels) = std::fs::read_dir(layout.labels()) else { return Ok(()) };
+    for entry in labels {
+        let group = entry.with_context(|| format!("listing {}", layout.labels().display()))?.path();
+        if node_attributes(&group).is_some_and(|a| a["unet3d"]["label_image"].is_string()) {
+            remove_ours(&group)?;
+            // Its metadata, then the folder if nothing else is in it.
+            std::fs::remove_file(group.join("zarr.json"))
+                .with_context(|| format!("removing {}", group.join("zarr.json").display()))?;
+            let _ = std::fs::remove_dir(&group);
+        }
+    }
+    // The `labels` group itself once no label image is left in it (describe rewrites it).
+    let left = std::fs::read_dir(layout.labels()).map(|d| d.filter_map(|e| e.ok()).count());
+    if left.is_ok_and(|n| n == 1) && layout.labels().join("zarr.json").is_file() {
+        std::fs::remove_file(layout.labels().join("zarr.json"))
+            .with_context(|| format!("removing {}", layout.labels().join("zarr.json").display()))?;
+        let _ = std::fs::remove_dir(layout.labels());
+    }
+    Ok(())
+}
+
+/// Removes the arrays directly in `dir` that unet3d infer wrote.
+fn remove_ours(dir: &Path) -> Result<()> {
+    let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e).with_context(|| format!("listing {}", layout.store.display())),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
     };
     for entry in entries {
-        let path = entry.with_context(|| format!("listing {}", layout.store.display()))?.path();
-        let ours = std::fs::read_to_string(path.join("zarr.json"))
-            .ok()
-            .and_then(|m| serde_json::from_str::<Value>(&m).ok())
-            .is_some_and(|m| m["attributes"]["unet3d"]["target"].is_object());
-        if ours {
-            println!("removing {}, a target this run does not write", path.display());
+        let path = entry.with_context(|| format!("listing {}", dir.display()))?.path();
+        if node_attributes(&path).is_some_and(|a| a["unet3d"]["target"].is_object()) {
+            println!("removing {}, an array of an earlier run", path.display());
             zarr::remove_array(&path)?;
         }
     }
     Ok(())
+}
+
+/// The attributes in a v3 node's `zarr.json`.
+fn node_attributes(dir: &Path) -> Option<Value> {
+    let meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("zarr.json")).ok()?).ok()?;
+    Some(meta["attributes"].clone())
 }
 
 #[cfg(test)]
