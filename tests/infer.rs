@@ -316,7 +316,7 @@ fn raw_logits_of_a_one_window_volume_equal_the_network_forward() {
         window,
         targets: vec![target("sheet", 2), target("normals", 3)],
         provenance: serde_json::json!({"model": "tiny, seed 7"}),
-        spacing: None,
+        geometry: Default::default(),
         pyramid_levels: 0,
         image: None,
     };
@@ -418,7 +418,7 @@ fn run_on(device: Device, v: &InMemoryArray, shape: [usize; 3]) -> (Vec<Vec<f32>
         window,
         targets,
         provenance: serde_json::json!({"model": "tiny, seed 5"}),
-        spacing: None,
+        geometry: Default::default(),
         pyramid_levels: 0,
         image: None,
     };

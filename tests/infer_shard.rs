@@ -104,7 +104,7 @@ fn infer_targets(
     let channels = targets.iter().map(|t| t.channels).collect();
     let window = SlidingWindow::new(&v, &norm, &predictor, channels, [8, 8, 8], overlap, 3).unwrap();
     let provenance = serde_json::json!({"model": "tiny, seed 3", "normalization": format!("{norm:?}")});
-    run(&Job { window, targets, provenance, spacing: None, pyramid_levels, image: None }, opts)
+    run(&Job { window, targets, provenance, geometry: Default::default(), pyramid_levels, image: None }, opts)
 }
 
 /// Every file of the store (arrays and their chunks) by relative path.
@@ -470,7 +470,7 @@ fn infer_command_runs_from_a_config() {
             window,
             targets: vec![t],
             provenance: serde_json::json!({}),
-            spacing: None,
+            geometry: Default::default(),
             pyramid_levels: 0,
             image: None,
         },

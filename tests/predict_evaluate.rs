@@ -121,8 +121,11 @@ fn convert_train_predict_a_nifti_folder_and_evaluate() {
     let store = zpred.join("hippocampus_001.zarr");
     let group: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(store.join("zarr.json")).unwrap()).unwrap();
-    let spacing = nifti::read_header(&images.join("hippocampus_001.nii.gz")).unwrap().spacing;
-    check_ome_image(&group, &store, "label", spacing, &[1.0]);
+    let header = nifti::read_header(&images.join("hippocampus_001.nii.gz")).unwrap();
+    let spacing = header.spacing;
+    // The image's first voxel in world space (its affine maps D, H, W to z, y, x).
+    let origin = [header.affine[2][3], header.affine[1][3], header.affine[0][3]];
+    check_ome_image(&group, &store, "label", spacing, &[1.0], origin);
     let out = dir.join("zarr-summary.json");
     ok(unet3d(&[
         "evaluate",
@@ -153,7 +156,8 @@ fn convert_train_predict_a_nifti_folder_and_evaluate() {
         .to_vec();
     let ome = serde_json::json!({"zarr_format": 3, "node_type": "group", "attributes": {"ome": {"version": "0.5",
         "multiscales": [{"name": "image", "axes": axes, "datasets": [{"path": "0",
-            "coordinateTransformations": [{"type": "scale", "scale": spacing}]}]}]}}});
+            "coordinateTransformations": [{"type": "scale", "scale": spacing},
+                {"type": "translation", "translation": origin}]}]}]}}});
     std::fs::write(image.join("zarr.json"), ome.to_string()).unwrap();
     let opred = dir.join("pred-ome");
     let args = ["infer", "--checkpoint", s(&model), "--input", s(&image), "--output", s(&opred)];
@@ -166,7 +170,7 @@ fn convert_train_predict_a_nifti_folder_and_evaluate() {
     assert_eq!(labels["attributes"]["ome"], serde_json::json!({"version": "0.5", "labels": ["label"]}));
     let label = store.join("labels/label");
     let group = read(&label);
-    check_ome_image(&group, &label, "label", spacing, &[1.0, 2.0]);
+    check_ome_image(&group, &label, "label", spacing, &[1.0, 2.0], origin);
     let source = group["attributes"]["ome"]["image-label"]["source"]["image"].as_str().unwrap();
     assert_eq!(label.join(source).canonicalize().unwrap(), image.canonicalize().unwrap(), "{source}");
     // Level 1 takes every second voxel of the label map.
@@ -228,8 +232,15 @@ fn convert_train_predict_a_nifti_folder_and_evaluate() {
 /// The fields OME-Zarr 0.5 requires of an image group (ome.version, multiscales with axes and
 /// datasets, one scale transformation per dataset of the axes' length, space axes with a unit
 /// from the spec's list), and that each dataset is a 3D array of the group, its scale the spacing
-/// times its level's factor.
-fn check_ome_image(group: &serde_json::Value, store: &Path, image: &str, spacing: [f64; 3], factors: &[f64]) {
+/// times its level's factor and its translation the image's origin.
+fn check_ome_image(
+    group: &serde_json::Value,
+    store: &Path,
+    image: &str,
+    spacing: [f64; 3],
+    factors: &[f64],
+    origin: [f64; 3],
+) {
     assert_eq!((&group["zarr_format"], &group["node_type"]), (&3.into(), &"group".into()), "{group}");
     let ome = &group["attributes"]["ome"];
     assert_eq!(ome["version"], "0.5");
@@ -246,6 +257,8 @@ fn check_ome_image(group: &serde_json::Value, store: &Path, image: &str, spacing
         assert_eq!(t[0]["type"], "scale", "the first transformation is a scale");
         let scale: Vec<f64> = serde_json::from_value(t[0]["scale"].clone()).unwrap();
         assert_eq!(scale, spacing.map(|s| s * f).to_vec());
+        // A label map's levels sample each box's first voxel: all start at the origin.
+        assert_eq!(t[1], serde_json::json!({"type": "translation", "translation": origin}));
         let array: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(store.join(d["path"].as_str().unwrap()).join("zarr.json")).unwrap(),
         )

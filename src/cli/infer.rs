@@ -13,9 +13,10 @@ use signal_hook::consts::{SIGTERM, SIGUSR1};
 use super::{EXIT_RERUN, ThreadArgs, Unfinished};
 use crate::config::{Config, Normalization};
 use crate::data::normalize::{Normalizer, VolumeStats};
+use crate::data::ome::{self, Geometry};
+use crate::data::volume;
 use crate::data::zarr::{ChunkCache, ZarrArray};
 use crate::data::{TargetKind, VolumeArray};
-use crate::data::{ome, volume};
 use crate::device::Device;
 use crate::infer::cases::{self, CaseOutput, Inputs};
 use crate::infer::{
@@ -317,7 +318,7 @@ impl InferArgs {
                     .with_context(|| format!("inference_config.input_path {input_path}"))?;
                 let input = if dc.allow_missing_chunks { input } else { input.refusing_missing_chunks() };
                 let described = Described {
-                    spacing: volume::recorded_spacing(&path, &input)?,
+                    geometry: volume::recorded_geometry(&path, &input)?,
                     image: ome::image_of(&path),
                     pyramid_levels: ic.pyramid_levels,
                 };
@@ -352,7 +353,7 @@ impl InferArgs {
             // A NIfTI case's working store becomes one file: no levels.
             let pyramid_levels = if opened.header.is_some() { 0 } else { ic.pyramid_levels };
             let described =
-                Described { spacing: opened.spacing, image: opened.image.clone(), pyramid_levels };
+                Described { geometry: opened.geometry, image: opened.image.clone(), pyramid_levels };
             let summary = job.predict(input, input.name(), described, &opts)?;
             if let Some(m) = &mut opts.max_blocks {
                 *m -= summary.computed;
@@ -382,7 +383,7 @@ impl InferArgs {
 /// How one volume's outputs are described: its geometry, the OME-Zarr image it belongs to, and
 /// the levels written.
 struct Described {
-    spacing: Option<[f64; 3]>,
+    geometry: Geometry,
     image: Option<PathBuf>,
     pyramid_levels: usize,
 }
@@ -448,8 +449,8 @@ impl CaseJob<'_> {
             mirroring_axes: self.mirror_axes.clone(),
             device: self.device.to_string(),
         })?;
-        let Described { spacing, image, pyramid_levels } = described;
-        let job = Job { window, targets: self.targets.to_vec(), provenance, spacing, pyramid_levels, image };
+        let Described { geometry, image, pyramid_levels } = described;
+        let job = Job { window, targets: self.targets.to_vec(), provenance, geometry, pyramid_levels, image };
         run::run(&job, opts)
     }
 }

@@ -58,6 +58,29 @@ struct Multiscale {
     datasets: Vec<Dataset>,
 }
 
+/// Where a volume sits in space, as far as its file records it, (D, H, W) = (z, y, x) in mm: the
+/// voxel size and the position of the first voxel's centre.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Geometry {
+    pub spacing: Option<[f64; 3]>,
+    pub origin: Option<[f64; 3]>,
+}
+
+impl Geometry {
+    /// The geometry a NIfTI-style affine (rows world x, y, z; columns D, H, W, 1) describes as
+    /// OME-Zarr can: D, H and W along world z, y and x with positive voxel sizes. Any other
+    /// orientation (a rotation, a flipped axis) keeps only the voxel sizes, as OME-Zarr 0.5's scale
+    /// and translation cannot express it.
+    pub fn from_affine(a: &[[f64; 4]; 4], spacing: [f64; 3]) -> Geometry {
+        // (world row, voxel column) of each of D, H, W.
+        let diagonal = [(2, 0), (1, 1), (0, 2)];
+        let aligned = (0..3)
+            .all(|r| (0..3).all(|c| if diagonal.contains(&(r, c)) { a[r][c] > 0.0 } else { a[r][c] == 0.0 }));
+        let origin = aligned.then(|| [a[2][3], a[1][3], a[0][3]]);
+        Geometry { spacing: Some(spacing), origin }
+    }
+}
+
 /// One resolution level of an image: its array (a path relative to the group that declares the
 /// image) and where its voxels sit, in units of the full-resolution voxel.
 #[derive(Debug, Clone, PartialEq)]
@@ -78,18 +101,19 @@ pub struct Image {
 }
 
 impl Image {
-    fn multiscale(&self, spacing: Option<[f64; 3]>) -> Multiscale {
-        let unit = spacing.map(|_| "millimeter");
-        let mm = spacing.unwrap_or([1.0; 3]);
+    fn multiscale(&self, geometry: &Geometry) -> Multiscale {
+        let unit = geometry.spacing.map(|_| "millimeter");
+        let mm = geometry.spacing.unwrap_or([1.0; 3]);
         let datasets = self
             .levels
             .iter()
             .map(|l| {
                 let mut transforms =
                     vec![Transform::Scale { scale: std::array::from_fn(|a| mm[a] * l.factor[a] as f64) }];
-                if l.offset != [0.0; 3] {
+                if geometry.origin.is_some() || l.offset != [0.0; 3] {
+                    let origin = geometry.origin.unwrap_or([0.0; 3]);
                     transforms.push(Transform::Translation {
-                        translation: std::array::from_fn(|a| mm[a] * l.offset[a]),
+                        translation: std::array::from_fn(|a| origin[a] + mm[a] * l.offset[a]),
                     });
                 }
                 Dataset { path: l.path.clone(), transforms }
@@ -104,10 +128,10 @@ impl Image {
 }
 
 /// The `attributes` of a group declaring `images` (arrays of the group): one `multiscales` entry
-/// each, axes z, y, x scaled by `spacing` in millimetres (unitless, full-resolution scale 1 when
-/// the input recorded none).
-pub fn multiscales(images: &[Image], spacing: Option<[f64; 3]>) -> Value {
-    let images: Vec<Multiscale> = images.iter().map(|i| i.multiscale(spacing)).collect();
+/// each, axes z, y, x scaled by the geometry's spacing in millimetres (unitless, full-resolution
+/// scale 1 when the input recorded none) and translated to its origin where it records one.
+pub fn multiscales(images: &[Image], geometry: &Geometry) -> Value {
+    let images: Vec<Multiscale> = images.iter().map(|i| i.multiscale(geometry)).collect();
     json!({"ome": {"version": VERSION, "multiscales": images}})
 }
 
@@ -119,12 +143,12 @@ pub fn labels(names: &[&str]) -> Value {
 /// The `attributes` of a label image: its multiscales and `image-label` metadata, with the path of
 /// the image it labels relative to this group (the spec's default, `../../`, is an image holding
 /// the `labels` group; a prediction's labels live beside the image instead).
-pub fn label_image(image: &Image, spacing: Option<[f64; 3]>, source: Option<&str>) -> Value {
+pub fn label_image(image: &Image, geometry: &Geometry, source: Option<&str>) -> Value {
     let mut label = json!({});
     if let Some(s) = source {
         label["source"] = json!({"image": s});
     }
-    json!({"ome": {"version": VERSION, "multiscales": [image.multiscale(spacing)], "image-label": label}})
+    json!({"ome": {"version": VERSION, "multiscales": [image.multiscale(geometry)], "image-label": label}})
 }
 
 /// The full-resolution array of an OME-Zarr image (its first `multiscales` dataset), if `dir` is
@@ -164,7 +188,8 @@ mod tests {
                 Level { path: "seg.1".into(), factor: [1, 2, 2], offset: [0.0, 0.5, 0.5] },
             ],
         };
-        let m = multiscales(std::slice::from_ref(&image), Some([3.0, 0.5, 0.5]));
+        let mm = Geometry { spacing: Some([3.0, 0.5, 0.5]), origin: None };
+        let m = multiscales(std::slice::from_ref(&image), &mm);
         let d = &m["ome"]["multiscales"][0]["datasets"];
         assert_eq!(d[0]["coordinateTransformations"], json!([{"type": "scale", "scale": [3.0, 0.5, 0.5]}]));
         assert_eq!(
@@ -175,9 +200,35 @@ mod tests {
             m["ome"]["multiscales"][0]["axes"][0],
             json!({"name": "z", "type": "space", "unit": "millimeter"})
         );
-        let l = label_image(&image, None, Some("../../../in.ome.zarr"));
+        // With an origin every level is translated to it (plus its half-voxel shift).
+        let placed = Geometry { origin: Some([10.0, -4.0, 2.0]), ..mm };
+        let m = multiscales(std::slice::from_ref(&image), &placed);
+        let d = &m["ome"]["multiscales"][0]["datasets"];
+        assert_eq!(
+            d[0]["coordinateTransformations"][1],
+            json!({"type": "translation", "translation": [10.0, -4.0, 2.0]})
+        );
+        assert_eq!(
+            d[1]["coordinateTransformations"][1],
+            json!({"type": "translation", "translation": [10.0, -3.75, 2.25]})
+        );
+        let l = label_image(&image, &Geometry::default(), Some("../../../in.ome.zarr"));
         assert_eq!(l["ome"]["image-label"], json!({"source": {"image": "../../../in.ome.zarr"}}));
         assert_eq!(l["ome"]["multiscales"][0]["axes"][2], json!({"name": "x", "type": "space"}));
         assert_eq!(labels(&["seg"]), json!({"ome": {"version": "0.5", "labels": ["seg"]}}));
+    }
+
+    #[test]
+    fn an_axis_aligned_affine_gives_the_origin_and_any_other_only_the_spacing() {
+        // hippocampus_001: D, H, W along world z, y, x, first voxel at (1, 1, 1) mm.
+        let a = [[0.0, 0.0, 1.0, 1.0], [0.0, 1.0, 0.0, 2.0], [0.5, 0.0, 0.0, 3.0], [0.0, 0.0, 0.0, 1.0]];
+        assert_eq!(Geometry::from_affine(&a, [0.5, 1.0, 1.0]).origin, Some([3.0, 2.0, 1.0]));
+        let mut flipped = a;
+        flipped[0][2] = -1.0;
+        let g = Geometry::from_affine(&flipped, [0.5, 1.0, 1.0]);
+        assert_eq!((g.spacing, g.origin), (Some([0.5, 1.0, 1.0]), None));
+        let mut rotated = a;
+        rotated[0][1] = 0.1;
+        assert_eq!(Geometry::from_affine(&rotated, [0.5, 1.0, 1.0]).origin, None);
     }
 }

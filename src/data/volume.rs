@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail, ensure};
 
 use super::array::VolumeArray;
 use super::nifti;
+use super::ome::Geometry;
 use super::zarr::{ChunkCache, ZarrArray, has_array_metadata};
 use crate::tensor::memory::check_allocation;
 
@@ -104,18 +105,37 @@ pub fn read(path: &Path, array: Option<&str>) -> Result<Volume> {
     let n = shape.iter().product::<usize>() * channels;
     check_allocation((n as u64).checked_mul(4), format_args!("{}: {shape:?} x {channels}", z.name()))?;
     let data = z.read([0; 3], shape)?;
-    Ok(Volume { spacing: recorded_spacing(&path, &z)?, name: z.name().to_string(), shape, channels, data })
+    Ok(Volume {
+        spacing: recorded_geometry(&path, &z)?.spacing,
+        name: z.name().to_string(),
+        shape,
+        channels,
+        data,
+    })
 }
 
-/// The spacing a Zarr array records: its own `spacing` attribute (`unet3d convert`), else the
-/// scale of its level in the parent group's OME-Zarr `multiscales` (0.4 or 0.5).
-pub fn recorded_spacing(path: &Path, z: &ZarrArray) -> Result<Option<[f64; 3]>> {
+/// The geometry a Zarr array records: its own `spacing` and `affine` attributes (`unet3d
+/// convert`), else the scale and translation of its level in the parent group's OME-Zarr
+/// `multiscales` (0.4 or 0.5).
+pub fn recorded_geometry(path: &Path, z: &ZarrArray) -> Result<Geometry> {
     let name = z.name();
-    if let Some(s) = z.attributes().get("spacing") {
-        let s: [f64; 3] = serde_json::from_value(s.clone())
+    let attributes = z.attributes();
+    if let Some(s) = attributes.get("spacing") {
+        let spacing: [f64; 3] = serde_json::from_value(s.clone())
             .with_context(|| format!("{name}: attribute \"spacing\" is not three numbers"))?;
-        return Ok(Some(s));
+        let Some(a) = attributes.get("affine") else {
+            return Ok(Geometry { spacing: Some(spacing), origin: None });
+        };
+        let a: [[f64; 4]; 4] = serde_json::from_value(a.clone())
+            .with_context(|| format!("{name}: attribute \"affine\" is not a 4 x 4 matrix"))?;
+        return Ok(Geometry::from_affine(&a, spacing));
     }
+    Ok(Geometry { spacing: level_transform(path, "scale")?, origin: level_transform(path, "translation")? })
+}
+
+/// The spatial part (the last three entries) of the `kind` transformation ("scale" or
+/// "translation") of the level at `path` in its parent group's OME-Zarr `multiscales`.
+fn level_transform(path: &Path, kind: &str) -> Result<Option<[f64; 3]>> {
     let (Some(parent), Some(level)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
         return Ok(None);
     };
@@ -125,17 +145,17 @@ pub fn recorded_spacing(path: &Path, z: &ZarrArray) -> Result<Option<[f64; 3]>> 
                 continue;
             }
             for t in d["coordinateTransformations"].as_array().into_iter().flatten() {
-                if t["type"] == "scale" {
-                    let scale: Vec<f64> = serde_json::from_value(t["scale"].clone()).with_context(|| {
-                        format!("{}: multiscales scale of '{level}' is not numbers", parent.display())
+                if t["type"] == kind {
+                    let v: Vec<f64> = serde_json::from_value(t[kind].clone()).with_context(|| {
+                        format!("{}: multiscales {kind} of '{level}' is not numbers", parent.display())
                     })?;
                     ensure!(
-                        scale.len() >= 3,
-                        "{}: multiscales scale of '{level}' has {} axes",
+                        v.len() >= 3,
+                        "{}: multiscales {kind} of '{level}' has {} axes",
                         parent.display(),
-                        scale.len()
+                        v.len()
                     );
-                    let s = &scale[scale.len() - 3..];
+                    let s = &v[v.len() - 3..];
                     return Ok(Some([s[0], s[1], s[2]]));
                 }
             }
@@ -203,9 +223,14 @@ mod tests {
         let ome = serde_json::json!({"zarr_format": 3, "node_type": "group", "attributes": {"ome": {
             "version": "0.5",
             "multiscales": [{"datasets": [{"path": "0", "coordinateTransformations": [
-                {"type": "scale", "scale": [2.0, 0.7, 0.7]}]}]}]}}});
+                {"type": "scale", "scale": [2.0, 0.7, 0.7]},
+                {"type": "translation", "translation": [1.0, 5.0, -3.0, 4.0]}]}]}]}}});
         std::fs::write(image.join("zarr.json"), ome.to_string()).unwrap();
         assert_eq!(read(&image.join("0"), None).unwrap().spacing, Some([2.0, 0.7, 0.7]));
+        let cache = ChunkCache::new(1 << 20);
+        let level = image.join("0");
+        let g = recorded_geometry(&level, &ZarrArray::open(&level, 1, &cache).unwrap()).unwrap();
+        assert_eq!(g, Geometry { spacing: Some([2.0, 0.7, 0.7]), origin: Some([5.0, -3.0, 4.0]) });
         let e = format!("{:#}", read(&store, None).unwrap_err());
         assert!(e.contains("a Zarr group"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();

@@ -17,9 +17,10 @@ use super::blend::OutputTarget;
 use super::run::Layout;
 use crate::config::OutputType;
 use crate::data::nifti::{self, NiftiHeader, NiftiType};
+use crate::data::ome::{self, Geometry};
 use crate::data::volume::{self, case_name};
 use crate::data::zarr::{ChunkCache, ZarrArray, has_array_metadata};
-use crate::data::{VolumeArray, array::InMemoryArray, convert, ome};
+use crate::data::{VolumeArray, array::InMemoryArray, convert};
 
 /// Where a case's input is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,8 +142,8 @@ pub struct Opened {
     pub array: Box<dyn VolumeArray>,
     /// A NIfTI input's header: its output's header.
     pub header: Option<NiftiHeader>,
-    /// Voxel size (D, H, W) in mm, if the input records one.
-    pub spacing: Option<[f64; 3]>,
+    /// Voxel size and origin, as far as the input records them.
+    pub geometry: Geometry,
     /// The OME-Zarr image a Zarr input is a level of, if it is one.
     pub image: Option<PathBuf>,
 }
@@ -153,9 +154,9 @@ pub fn open(case: &Case, channels: usize, allow_missing_chunks: bool, cache: &Ch
     match &case.source {
         Source::Zarr(p) => {
             let array = ZarrArray::open(p, channels, cache)?;
-            let spacing = volume::recorded_spacing(p, &array)?;
+            let geometry = volume::recorded_geometry(p, &array)?;
             let array = if allow_missing_chunks { array } else { array.refusing_missing_chunks() };
-            Ok(Opened { array: Box::new(array), header: None, spacing, image: ome::image_of(p) })
+            Ok(Opened { array: Box::new(array), header: None, geometry, image: ome::image_of(p) })
         }
         Source::Nifti(p) => {
             let img = nifti::read(p)?;
@@ -170,7 +171,8 @@ pub fn open(case: &Case, channels: usize, allow_missing_chunks: bool, cache: &Ch
             // would see after a conversion.
             let dtype = convert::input_dtype(&[&h]);
             let array = InMemoryArray::new(p.display().to_string(), h.shape, channels, dtype, img.data)?;
-            Ok(Opened { array: Box::new(array), spacing: Some(h.spacing), header: Some(h), image: None })
+            let geometry = Geometry::from_affine(&h.affine, h.spacing);
+            Ok(Opened { array: Box::new(array), geometry, header: Some(h), image: None })
         }
     }
 }

@@ -28,9 +28,10 @@ use super::blend::{OutputTarget, SlidingWindow, finish};
 use super::pyramid::{Pyramid, Reduction, reduce};
 use super::shard::{Blocks, Shard};
 use crate::config::{self, OutputType};
+use crate::data::DType;
 use crate::data::finite::NonFinite;
+use crate::data::ome::{self, Geometry};
 use crate::data::zarr::{self, ArraySpec, ZarrWriter};
-use crate::data::{DType, ome};
 use crate::device::launch::{DeviceCounters, Gpu};
 use crate::tensor::io::write_atomic;
 
@@ -46,8 +47,9 @@ pub struct Job<'a> {
     /// Whatever else decides the output bytes (input, checkpoint, normalisation, mirroring),
     /// recorded in `run.json`: a job whose provenance differs refuses to write into the store.
     pub provenance: Value,
-    /// The input's voxel size (D, H, W) in mm, if it records one: the store's OME-Zarr scale.
-    pub spacing: Option<[f64; 3]>,
+    /// The input's voxel size and origin as far as it records them: the store's OME-Zarr scale
+    /// and translation.
+    pub geometry: Geometry,
     /// Lower-resolution levels written beside each target (`infer::pyramid`).
     pub pyramid_levels: usize,
     /// The OME-Zarr image the input is a level of, if it is: single-channel label maps are then
@@ -202,7 +204,7 @@ pub fn run(job: &Job<'_>, opts: &RunOptions) -> Result<Summary> {
         "targets": job.targets,
         "provenance": job.provenance,
     });
-    let pyramid = Pyramid::new(job.pyramid_levels, grid.shape, job.spacing, chunk)?;
+    let pyramid = Pyramid::new(job.pyramid_levels, grid.shape, job.geometry.spacing, chunk)?;
     // Only where they apply, so an output begun before they existed still resumes.
     let mut settings = settings;
     if !pyramid.is_empty() {
@@ -481,7 +483,7 @@ fn describe(layout: &Layout, job: &Job<'_>, pyramid: &Pyramid) -> Result<()> {
         .filter(|t| t.stored().0 == 1 && !job.label_image(t))
         .map(|t| image(t, t.name.clone(), &|k| format!("{}.{k}", t.name)))
         .collect();
-    let attributes = if images.is_empty() { json!({}) } else { ome::multiscales(&images, job.spacing) };
+    let attributes = if images.is_empty() { json!({}) } else { ome::multiscales(&images, &job.geometry) };
     zarr::write_group_attributes(&layout.store, attributes)?;
     let labels: Vec<&OutputTarget> = job.targets.iter().filter(|t| job.label_image(t)).collect();
     if labels.is_empty() {
@@ -494,7 +496,7 @@ fn describe(layout: &Layout, job: &Job<'_>, pyramid: &Pyramid) -> Result<()> {
         std::fs::create_dir_all(&group).with_context(|| format!("creating {}", group.display()))?;
         let source = job.image.as_deref().and_then(|i| relative(i, &group));
         let mut attributes =
-            ome::label_image(&image(t, "0".into(), &|k| k.to_string()), job.spacing, source.as_deref());
+            ome::label_image(&image(t, "0".into(), &|k| k.to_string()), &job.geometry, source.as_deref());
         attributes["unet3d"] = json!({"label_image": t.name});
         zarr::write_group_attributes(&group, attributes)?;
     }
