@@ -242,7 +242,8 @@ fn a_label_of_another_shape_is_refused_naming_it_and_nothing_is_written() {
     assert_ne!(raw(&image).dims, raw(&label).dims, "the fixture cases differ in shape");
     let out = dir.join("case.zarr");
     let opts = ConvertOptions { chunks: [16; 3], overwrite: false };
-    let e = format!("{:#}", convert_pair(std::slice::from_ref(&image), Some(&label), &out, &opts).unwrap_err());
+    let e =
+        format!("{:#}", convert_pair(std::slice::from_ref(&image), Some(&label), &out, &opts).unwrap_err());
     assert!(e.contains("hippocampus_003.nii.gz") && e.contains("a label is one 3D map"), "{e}");
     assert!(!out.exists(), "nothing written");
     std::fs::remove_dir_all(dir).unwrap();

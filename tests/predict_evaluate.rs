@@ -209,7 +209,11 @@ fn convert_train_predict_a_nifti_folder_and_evaluate() {
     // Probabilities are no label image: --overwrite replaces the label image and its group.
     ok(unet3d(&[&args[..], &["--save-probabilities", "--overwrite"]].concat()));
     assert!(!store.join("labels").exists(), "the earlier run's label image is removed");
-    assert_eq!(read(&store.join("label"))["shape"], serde_json::json!([35, 51, 35, 3]));
+    let probabilities = read(&store.join("label"));
+    assert_eq!(probabilities["shape"], serde_json::json!([35, 51, 35, 3]));
+    // Not an OME image (channels last), but its geometry is recorded all the same.
+    let a = &probabilities["attributes"];
+    assert_eq!((&a["spacing"], &a["origin"]), (&serde_json::json!(spacing), &serde_json::json!(origin)));
 
     // The output folder refuses files it did not write; a folder with a stray file names it.
     let foreign = dir.join("foreign");

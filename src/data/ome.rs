@@ -79,6 +79,16 @@ impl Geometry {
         let origin = aligned.then(|| [a[2][3], a[1][3], a[0][3]]);
         Geometry { spacing: Some(spacing), origin }
     }
+
+    /// The geometry of a level of this volume whose voxels span `factor` of its own and whose
+    /// first voxel centre sits `offset` of its voxels from its first one's.
+    pub fn level(&self, factor: [usize; 3], offset: [f64; 3]) -> Geometry {
+        let mm = self.spacing.unwrap_or([1.0; 3]);
+        Geometry {
+            spacing: self.spacing.map(|s| std::array::from_fn(|a| s[a] * factor[a] as f64)),
+            origin: self.origin.map(|o| std::array::from_fn(|a| o[a] + mm[a] * offset[a])),
+        }
+    }
 }
 
 /// One resolution level of an image: its array (a path relative to the group that declares the
@@ -227,6 +237,9 @@ mod tests {
         flipped[0][2] = -1.0;
         let g = Geometry::from_affine(&flipped, [0.5, 1.0, 1.0]);
         assert_eq!((g.spacing, g.origin), (Some([0.5, 1.0, 1.0]), None));
+        // A level of twice the voxel size averaging its boxes starts half a voxel in.
+        let g = Geometry::from_affine(&a, [0.5, 1.0, 1.0]).level([1, 2, 2], [0.0, 0.5, 0.5]);
+        assert_eq!((g.spacing, g.origin), (Some([0.5, 2.0, 2.0]), Some([3.0, 2.5, 1.5])));
         let mut rotated = a;
         rotated[0][1] = 0.1;
         assert_eq!(Geometry::from_affine(&rotated, [0.5, 1.0, 1.0]).origin, None);

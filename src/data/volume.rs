@@ -114,21 +114,28 @@ pub fn read(path: &Path, array: Option<&str>) -> Result<Volume> {
     })
 }
 
-/// The geometry a Zarr array records: its own `spacing` and `affine` attributes (`unet3d
-/// convert`), else the scale and translation of its level in the parent group's OME-Zarr
-/// `multiscales` (0.4 or 0.5).
+/// The geometry a Zarr array records: its own `spacing` and `affine` (`unet3d convert`) or
+/// `origin` (`unet3d infer`) attributes, else the scale and translation of its level in the
+/// parent group's OME-Zarr `multiscales` (0.4 or 0.5).
 pub fn recorded_geometry(path: &Path, z: &ZarrArray) -> Result<Geometry> {
     let name = z.name();
     let attributes = z.attributes();
     if let Some(s) = attributes.get("spacing") {
         let spacing: [f64; 3] = serde_json::from_value(s.clone())
             .with_context(|| format!("{name}: attribute \"spacing\" is not three numbers"))?;
-        let Some(a) = attributes.get("affine") else {
-            return Ok(Geometry { spacing: Some(spacing), origin: None });
+        if let Some(a) = attributes.get("affine") {
+            let a: [[f64; 4]; 4] = serde_json::from_value(a.clone())
+                .with_context(|| format!("{name}: attribute \"affine\" is not a 4 x 4 matrix"))?;
+            return Ok(Geometry::from_affine(&a, spacing));
+        }
+        let origin = match attributes.get("origin") {
+            Some(o) => Some(
+                serde_json::from_value(o.clone())
+                    .with_context(|| format!("{name}: attribute \"origin\" is not three numbers"))?,
+            ),
+            None => None,
         };
-        let a: [[f64; 4]; 4] = serde_json::from_value(a.clone())
-            .with_context(|| format!("{name}: attribute \"affine\" is not a 4 x 4 matrix"))?;
-        return Ok(Geometry::from_affine(&a, spacing));
+        return Ok(Geometry { spacing: Some(spacing), origin });
     }
     Ok(Geometry { spacing: level_transform(path, "scale")?, origin: level_transform(path, "translation")? })
 }

@@ -88,9 +88,19 @@ impl Pyramid {
         self.factors.is_empty()
     }
 
-    /// Level `k`'s (1-based) factor per axis.
+    /// Level `k`'s factor per axis (1 at full resolution, level 0).
     pub fn factor(&self, k: usize) -> [usize; 3] {
-        self.factors[k - 1]
+        if k == 0 { [1; 3] } else { self.factors[k - 1] }
+    }
+
+    /// Where level `k`'s first voxel centre is, in full-resolution voxels from the first one's:
+    /// 0 where it samples its box's first voxel, (factor - 1) / 2 where it averages the box.
+    pub fn offset(&self, k: usize, how: Reduction) -> [f64; 3] {
+        let f = self.factor(k);
+        match how {
+            Reduction::First => [0.0; 3],
+            Reduction::Mean => std::array::from_fn(|a| (f[a] as f64 - 1.0) / 2.0),
+        }
     }
 
     pub fn shape(&self, k: usize) -> [usize; 3] {
@@ -120,13 +130,10 @@ impl Pyramid {
         how: Reduction,
     ) -> Vec<ome::Level> {
         let mut levels = vec![ome::Level { path, factor: [1; 3], offset: [0.0; 3] }];
-        levels.extend((1..=self.len()).map(|k| {
-            let factor = self.factor(k);
-            let offset = match how {
-                Reduction::First => [0.0; 3],
-                Reduction::Mean => std::array::from_fn(|a| (factor[a] as f64 - 1.0) / 2.0),
-            };
-            ome::Level { path: level_path(k), factor, offset }
+        levels.extend((1..=self.len()).map(|k| ome::Level {
+            path: level_path(k),
+            factor: self.factor(k),
+            offset: self.offset(k, how),
         }));
         levels
     }

@@ -455,12 +455,22 @@ fn open_store(
                     }
                     let (shape, chunks) =
                         if k == 0 { (grid.shape, chunk) } else { (pyramid.shape(k), pyramid.chunk(k)) };
+                    // Every array records its geometry, which OME-Zarr describes only for
+                    // single-channel ones.
+                    let mut attributes = json!({"unet3d": unet3d});
+                    let g = job.geometry.level(pyramid.factor(k), pyramid.offset(k, reduction(t)));
+                    if let Some(spacing) = g.spacing {
+                        attributes["spacing"] = json!(spacing);
+                    }
+                    if let Some(origin) = g.origin {
+                        attributes["origin"] = json!(origin);
+                    }
                     let spec = ArraySpec {
                         shape,
                         channels,
                         chunks,
                         dtype: dtype(stored),
-                        attributes: json!({"unet3d": unet3d}).as_object().cloned().unwrap_or_default(),
+                        attributes: attributes.as_object().cloned().unwrap_or_default(),
                     };
                     ZarrWriter::create_or_open(&path, &spec)
                 })
