@@ -233,11 +233,15 @@ fn pruning_removes_only_the_runs_own_older_checkpoints() {
         let source = epoch_path(&dir, "m", 2);
         let f = RunFolder::open(&dir, "m", &Start::Resume { source, epochs_done: 11 }).unwrap();
         assert_eq!(f.run(), 1, "nothing of run 1 lies beyond epoch 11: the run continues");
-        f.prune(2).unwrap();
+        f.prune(2, 1).unwrap();
     }
     let left: Vec<usize> =
         folder::epoch_checkpoints(&dir, "m", 1).unwrap().into_iter().map(|(e, _)| e).collect();
     assert_eq!(left, vec![2, 10, 11], "the newest by epoch number, and the resume source");
+    // Of the kept ones only the newest resumes; the resume source is left as it was.
+    let resumes = |e| checkpoint::load(&epoch_path(&dir, "m", e), &arch).is_ok();
+    assert_eq!((resumes(2), resumes(10), resumes(11)), (true, false, true));
+    assert!(checkpoint::load_weights(&epoch_path(&dir, "m", 10), &arch).is_ok());
     assert!(named(&dir, "m", 1, Kind::Best).exists(), "best is not an epoch checkpoint");
     assert!(epoch_path(&dir, "other", 1).exists(), "another model's");
     assert!(named(&dir, "m", 2, Kind::Epoch(1)).exists(), "another run's");

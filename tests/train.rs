@@ -207,7 +207,8 @@ fn a_resume_from_an_older_checkpoint_keeps_every_file_of_both_runs() {
     let dir = scratch_dir("resume-older");
     let y = yaml(&dir, "max_epoch: 4, max_steps_per_epoch: 2, max_val_steps_per_epoch: 1");
     let kept = "tr_setup.checkpoints_kept=2";
-    let mut first = trainer(&y, &[kept]).unwrap();
+    // Both kept checkpoints resumable, so the older one can be resumed from.
+    let mut first = trainer(&y, &[kept, "tr_setup.resumable_checkpoints=2"]).unwrap();
     let mut data = Balls::new(first.architecture(), 2, 1);
     let run1 = first.run(&mut data, None).unwrap();
     drop(first);
@@ -231,6 +232,40 @@ fn a_resume_from_an_older_checkpoint_keeps_every_file_of_both_runs() {
     assert!(run1.final_model.unwrap().exists());
     assert!(ck.join("tiny.run2_gifs").is_dir() && dir.join("tb/tiny.run2/metrics.jsonl").exists());
     assert_eq!(std::fs::read_to_string(dir.join("tb/tiny/metrics.jsonl")).unwrap().lines().count(), 4);
+}
+
+#[test]
+fn only_the_newest_epoch_checkpoint_keeps_the_optimizer_state() {
+    let dir = scratch_dir("resumable");
+    let y = yaml(&dir, "max_epoch: 3, max_steps_per_epoch: 2, max_val_steps_per_epoch: 1");
+    let mut t = trainer(&y, &[]).unwrap();
+    let mut data = Balls::new(t.architecture(), 2, 1);
+    t.run(&mut data, None).unwrap();
+    // The same run with every checkpoint resumable, for the weights each epoch had.
+    let mut all = trainer(&y, &["tr_setup.model_name=all", "tr_setup.resumable_checkpoints=3"]).unwrap();
+    all.run(&mut data, None).unwrap();
+    let ck = dir.join("ck");
+    let (mine, full) = (
+        folder::epoch_checkpoints(&ck, "tiny", 1).unwrap(),
+        folder::epoch_checkpoints(&ck, "all", 1).unwrap(),
+    );
+    assert_eq!((mine.len(), full.len()), (3, 3));
+    let arch = t.architecture();
+    let size = |p: &Path| std::fs::metadata(p).unwrap().len();
+    for ((e, p), (_, f)) in mine[..2].iter().zip(&full) {
+        let err = format!("{:#}", checkpoint::load(p, arch).err().expect("weights only"));
+        assert!(err.contains("holds weights only"), "epoch {e}: {err}");
+        // The epoch's weights and model record stay: it still predicts and fine-tunes.
+        let (a, b) = (checkpoint::load_weights(p, arch).unwrap(), checkpoint::load(f, arch).unwrap().store);
+        assert!(
+            a.ids().all(|id| a.value(id).to_vec() == b.value(id).to_vec()),
+            "epoch {e}: the weights changed"
+        );
+        assert!(checkpoint::model_record(p).unwrap().is_some());
+        // AdamW keeps two moments per parameter: a weights-only file is about a third.
+        assert!(3 * size(p) < size(f) + size(f) / 10, "epoch {e}: {} vs {} bytes", size(p), size(f));
+    }
+    assert!(checkpoint::load(&mine[2].1, arch).is_ok(), "the newest resumes");
 }
 
 #[test]

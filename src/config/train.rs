@@ -31,6 +31,10 @@ pub struct TrSetup {
     pub seed: u64,
     /// How many of the newest epoch checkpoints are kept.
     pub checkpoints_kept: usize,
+    /// How many of the newest epoch checkpoints keep the optimizer state and training state
+    /// (what an exact resume needs); older ones are rewritten as weights only, a third or less
+    /// of their size.
+    pub resumable_checkpoints: usize,
     /// Which volumes train and which validate.
     pub fold: Fold,
 }
@@ -217,6 +221,7 @@ pub(crate) fn read_tr_setup(mut s: Section<'_>) -> Result<(TrSetup, bool)> {
         device: s.get("device", Device::Cpu, &device)?,
         seed: s.get("seed", 0, &integer_from(0))?,
         checkpoints_kept: s.get("checkpoints_kept", 10, &count_from(1))?,
+        resumable_checkpoints: s.get("resumable_checkpoints", 1, &count_from(1))?,
         fold: s.get("fold", Fold::Split, &|n| match n {
             Node::Str(a) if a == "all" => Ok(Fold::All),
             Node::Int(k) if (0..FOLDS as i128).contains(k) => Ok(Fold::Index(*k as usize)),

@@ -101,6 +101,30 @@ pub fn load(path: &Path) -> anyhow::Result<TensorFile> {
     Ok(TensorFile { tensors, metadata, crc32c: crc32c::crc32c(&bytes) })
 }
 
+/// A safetensors file's `__metadata__`, read from its header alone (the tensors stay on disk).
+pub fn metadata(path: &Path) -> anyhow::Result<HashMap<String, String>> {
+    let name = path.display();
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).with_context(|| format!("opening {name}"))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).with_context(|| format!("{name} is not a safetensors file"))?;
+    let len = u64::from_le_bytes(len);
+    anyhow::ensure!(len <= MAX_HEADER_BYTES, "{name}: a header of {len} bytes; not a safetensors file");
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header).with_context(|| format!("{name}: truncated header"))?;
+    #[derive(serde::Deserialize)]
+    struct Header {
+        #[serde(rename = "__metadata__", default)]
+        metadata: HashMap<String, String>,
+    }
+    let header: Header =
+        serde_json::from_slice(&header).with_context(|| format!("{name}: unreadable safetensors header"))?;
+    Ok(header.metadata)
+}
+
+/// safetensors' own limit on the header.
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
 /// The metadata key of the CRC-32C of each tensor's bytes, written by [`save`] and checked by
 /// [`load`] (files from elsewhere have none and load unchecked).
 pub const CHECKSUM_KEY: &str = "unet3d.crc32c";

@@ -166,6 +166,23 @@ fn write(
         .with_context(|| format!("writing checkpoint {}", path.display()))
 }
 
+/// Rewrites the training checkpoint at `path` as weights only (atomically), keeping its model
+/// record and CT statistics, so it still predicts and fine-tunes but no longer resumes; false
+/// when it already holds no training state.
+pub fn strip_to_weights(path: &Path) -> Result<bool> {
+    // The header says whether there is anything to do; the tensors are read only if there is.
+    if !io::metadata(path)?.contains_key(STATE_KEY) {
+        return Ok(false);
+    }
+    let file = io::load(path).with_context(|| format!("checkpoint {}", path.display()))?;
+    let mut meta = file.metadata;
+    meta.remove(STATE_KEY);
+    let (weights, _) = split(file.tensors);
+    let refs: Vec<(&str, &Tensor)> = weights.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    io::save(path, &refs, Some(meta)).with_context(|| format!("rewriting checkpoint {}", path.display()))?;
+    Ok(true)
+}
+
 /// A checkpoint or final model read once, for everything inference takes from it.
 pub struct ModelFile {
     path: PathBuf,

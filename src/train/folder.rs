@@ -19,6 +19,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use super::checkpoint;
+
 /// What a checkpoint file of a run holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kind {
@@ -311,16 +313,17 @@ impl RunFolder {
         self.dir.join(CheckpointName { run: self.run, kind }.file_name(&self.model))
     }
 
-    /// Removes all but the newest `keep` epoch checkpoints of this run, never the one it resumed
-    /// from.
-    pub fn prune(&self, keep: usize) -> Result<()> {
+    /// Removes all but the newest `keep` epoch checkpoints of this run and rewrites all but the
+    /// newest `resumable` of those as weights only; never touches the one it resumed from.
+    pub fn prune(&self, keep: usize, resumable: usize) -> Result<()> {
         let mine = epoch_checkpoints(&self.dir, &self.model, self.run)?;
-        let old = &mine[..mine.len().saturating_sub(keep)];
-        for (_, p) in old {
-            if self.source.as_deref().is_some_and(|s| same_file(Some(s), p)) {
-                continue;
-            }
+        let theirs = |p: &Path| !self.source.as_deref().is_some_and(|s| same_file(Some(s), p));
+        let (old, kept) = mine.split_at(mine.len().saturating_sub(keep));
+        for (_, p) in old.iter().filter(|(_, p)| theirs(p)) {
             std::fs::remove_file(p).with_context(|| format!("removing old checkpoint {}", p.display()))?;
+        }
+        for (_, p) in kept[..kept.len().saturating_sub(resumable)].iter().filter(|(_, p)| theirs(p)) {
+            checkpoint::strip_to_weights(p)?;
         }
         Ok(())
     }

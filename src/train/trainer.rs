@@ -344,7 +344,8 @@ impl Trainer {
             let opt =
                 self.optimizer.export_state().context("copying the optimizer state for the checkpoint")?;
             checkpoint::save(&path, &self.arch, &host, &opt, &self.state)?;
-            folder.prune(self.config.tr_setup.checkpoints_kept)?;
+            let setup = &self.config.tr_setup;
+            folder.prune(setup.checkpoints_kept, setup.resumable_checkpoints)?;
             if improved {
                 checkpoint::save(&folder.path(Kind::Best), &self.arch, &host, &opt, &self.state)?;
             }
