@@ -134,6 +134,16 @@ fn config_cases(root: &Path) -> Vec<Case> {
         ("channels-zero", "dataset_config.targets.seg.channels=0", "dataset_config.targets.seg.channels"),
         ("loss-fn", "dataset_config.targets.seg.loss_fn=DiceLoss", "dataset_config.targets.seg.loss_fn"),
         (
+            "class-names-count",
+            "dataset_config.targets.seg.class_names=[background]",
+            "dataset_config.targets.seg.class_names",
+        ),
+        (
+            "class-names-twice",
+            "dataset_config.targets.seg.class_names=[bg, bg]",
+            "dataset_config.targets.seg.class_names",
+        ),
+        (
             "normalization-length",
             "dataset_config.normalization=[zscore, zscore]",
             "dataset_config.normalization",

@@ -48,7 +48,17 @@ fn convert_train_predict_a_nifti_folder_and_evaluate() {
     );
     let config = dir.join("hippo.yaml");
     std::fs::write(&config, yaml).unwrap();
-    ok(unet3d(&["train", "--config", s(&config)]));
+    let log = ok(unet3d(&["train", "--config", s(&config)]));
+    // Its output is no terminal (a batch job's log): progress lines say where the epoch is.
+    assert!(
+        log.lines().any(|l| l.starts_with("epoch 1/1 step 3/3: loss ") && l.contains("patches/s")),
+        "{log}"
+    );
+    // Metrics name the dataset's classes (convert wrote its labels as class_names).
+    assert!(dataset.contains(r#"class_names: ["background", "Anterior", "Posterior"]"#), "{dataset}");
+    assert!(log.contains("dice Anterior ") && log.contains(", Posterior "), "{log}");
+    let jsonl = std::fs::read_to_string(dir.join("tb/hippo/metrics.jsonl")).unwrap();
+    assert!(jsonl.contains("\"val/label/dice/Anterior\""), "{jsonl}");
     let model = ckpt.join("hippo_final.safetensors");
     assert!(model.is_file(), "the final model");
     // The final whole-volume validation of the one validation case, in evaluate's format.

@@ -159,8 +159,33 @@ fn learns_the_synthetic_task() {
     }
     assert_eq!(frames, PATCH);
     let jsonl = std::fs::read_to_string(dir.join("tb/tiny/metrics.jsonl")).unwrap();
-    assert_eq!(jsonl.lines().count(), 6);
-    assert!(jsonl.contains("\"val/seg/dice_0\"") && jsonl.contains("\"val/dist/mse\""));
+    // One line per epoch, and per-step scalars every log_every_steps (10) steps and at an
+    // epoch's last: global steps 10, 12, 22, 24, ...
+    let lines: Vec<serde_json::Value> = jsonl.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let (epochs, steps): (Vec<_>, Vec<_>) =
+        lines.iter().partition(|l| l["scalars"]["train/loss"].is_number());
+    assert_eq!(epochs.len(), 6);
+    let at: Vec<u64> = steps.iter().map(|l| l["step"].as_u64().unwrap()).collect();
+    assert_eq!(at, (0..6).flat_map(|e| [12 * e + 10, 12 * e + 12]).collect::<Vec<_>>());
+    for l in &steps {
+        let s = &l["scalars"];
+        assert!(s["train/step_loss"].is_number() && s["train/seg/step_loss"].is_number(), "{l}");
+        assert_eq!(
+            s["train/step_lr"],
+            epochs[l["epoch"].as_u64().unwrap() as usize - 1]["scalars"]["train/lr"]
+        );
+    }
+    let e = &epochs[0]["scalars"];
+    assert!(
+        e["train/epoch_s"].as_f64().unwrap() > 0.0 && e["host/peak_rss_mib"].as_f64().unwrap() > 1.0,
+        "{e}"
+    );
+    // A softmax target's Dice per foreground class, by number without class_names.
+    assert!(
+        jsonl.contains("\"val/seg/dice/1\"")
+            && !jsonl.contains("dice/0")
+            && jsonl.contains("\"val/dist/mse\"")
+    );
     // The final model is a plain weights file.
     unet3d::model::weights::load(run.final_model.as_ref().unwrap(), t.architecture()).unwrap();
     // A second fresh run refuses to overwrite the first one's checkpoints.
@@ -231,7 +256,8 @@ fn a_resume_from_an_older_checkpoint_keeps_every_file_of_both_runs() {
     assert!(run2.final_model.unwrap().ends_with("tiny.run2_final.safetensors"));
     assert!(run1.final_model.unwrap().exists());
     assert!(ck.join("tiny.run2_gifs").is_dir() && dir.join("tb/tiny.run2/metrics.jsonl").exists());
-    assert_eq!(std::fs::read_to_string(dir.join("tb/tiny/metrics.jsonl")).unwrap().lines().count(), 4);
+    let epochs = |log: String| log.lines().filter(|l| l.contains("\"train/loss\"")).count();
+    assert_eq!(epochs(std::fs::read_to_string(dir.join("tb/tiny/metrics.jsonl")).unwrap()), 4);
 }
 
 #[test]
@@ -674,7 +700,8 @@ fn non_finite_steps_are_skipped_and_counted_and_too_many_stop_the_run_naming_the
     assert_eq!(t.state().optimizer_steps, 7, "the poisoned step alone was skipped");
     assert!(params(&t).iter().all(|(_, v)| v.iter().all(|x| x.is_finite())));
     let jsonl = std::fs::read_to_string(dir.join("tb/tiny/metrics.jsonl")).unwrap();
-    assert!(jsonl.lines().next().unwrap().contains("\"train/skipped_steps\":1.0"), "{jsonl}");
+    let first_epoch = jsonl.lines().find(|l| l.contains("\"train/loss\"")).unwrap();
+    assert!(first_epoch.contains("\"train/skipped_steps\":1.0"), "{jsonl}");
 
     let mut t = trainer(&y, &["tr_setup.model_name=many"]).unwrap();
     let balls = Balls::new(t.architecture(), 2, 0);

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 
-use super::reader::{Section, boolean, choice, count_from, is_plain_name, non_negative, probability, string};
+use super::reader::{
+    Section, boolean, choice, count_from, is_plain_name, list_of, non_negative, probability, string,
+};
 use super::tree::Node;
 use crate::device::op::Pointwise;
 use crate::loss::{LOSS_NAMES, Loss};
@@ -36,9 +38,21 @@ pub struct TargetConfig {
     pub weight: f64,
     pub loss_fn: String,
     pub loss: Loss,
+    /// A name per channel (`unet3d convert` writes the dataset's labels, background first), which
+    /// metrics and logs use instead of class numbers.
+    pub class_names: Option<Vec<String>>,
 }
 
 impl TargetConfig {
+    /// The names of the classes a label target is scored on: 1..C for a softmax target (class 0
+    /// is background), every channel for a sigmoid one; `class_names` where given, else numbers.
+    pub fn scored_classes(&self) -> Vec<String> {
+        let first = usize::from(self.label_rule() == Some(LabelRule::Argmax));
+        (first..self.channels)
+            .map(|k| self.class_names.as_ref().map_or_else(|| k.to_string(), |n| n[k].clone()))
+            .collect()
+    }
+
     /// The seed's special task name (any case): unit vectors, rotated and flipped as vectors and
     /// re-normalised at inference.
     pub fn is_normals(&self) -> bool {
@@ -298,8 +312,16 @@ fn read_target(name: String, mut s: Section<'_>) -> Result<TargetConfig> {
         Ok(l) => l,
         Err(e) => bail!("{} = {kwargs}: {e}", s.key_path("loss_kwargs")),
     };
+    let class_names = s.optional("class_names", &|n: &Node| {
+        let names = list_of(channels, false, string)(n)
+            .map_err(|e| format!("{e} (one name per channel, background first for a softmax target)"))?;
+        match names.iter().enumerate().find(|(i, a)| names[..*i].contains(a)) {
+            Some((_, twice)) => Err(format!("names that differ ({twice:?} is there twice)")),
+            None => Ok(names),
+        }
+    })?;
     s.finish(&[]);
-    Ok(TargetConfig { name, channels, activation, weight, loss_fn, loss })
+    Ok(TargetConfig { name, channels, activation, weight, loss_fn, loss, class_names })
 }
 
 fn read_volume(mut s: Section<'_>, targets: &[TargetConfig]) -> Result<VolumePaths> {

@@ -35,6 +35,9 @@ pub struct TrSetup {
     /// (what an exact resume needs); older ones are rewritten as weights only, a third or less
     /// of their size.
     pub resumable_checkpoints: usize,
+    /// Steps between per-step TensorBoard scalars and, where no progress bar is drawn (stderr
+    /// not a terminal, as in a batch job's log), progress lines.
+    pub log_every_steps: usize,
     /// Which volumes train and which validate.
     pub fold: Fold,
 }
@@ -222,6 +225,7 @@ pub(crate) fn read_tr_setup(mut s: Section<'_>) -> Result<(TrSetup, bool)> {
         seed: s.get("seed", 0, &integer_from(0))?,
         checkpoints_kept: s.get("checkpoints_kept", 10, &count_from(1))?,
         resumable_checkpoints: s.get("resumable_checkpoints", 1, &count_from(1))?,
+        log_every_steps: s.get("log_every_steps", 10, &count_from(1))?,
         fold: s.get("fold", Fold::Split, &|n| match n {
             Node::Str(a) if a == "all" => Ok(Fold::All),
             Node::Int(k) if (0..FOLDS as i128).contains(k) => Ok(Fold::Index(*k as usize)),

@@ -416,7 +416,7 @@ fn volumes_yaml(info: &DatasetInfo, source: &Path, abs_out: &Path) -> String {
         "# Written by `unet3d convert` from {}: {} cases. Paste into your config's dataset_config\n\
          # (tasks/reference.yaml documents every key).\n\
          dataset_config:\n  in_channels: {}  # {}\n  normalization: [{}]\n  sampling: random\n  \
-         targets:\n    label:\n      channels: {}  # {}\n      activation: softmax\n      \
+         targets:\n    label:\n      channels: {}\n      class_names: [{}]\n      activation: softmax\n      \
          loss_fn: DiceCELoss\n  volume_paths:\n",
         source.display(),
         info.cases.len(),
@@ -424,7 +424,7 @@ fn volumes_yaml(info: &DatasetInfo, source: &Path, abs_out: &Path) -> String {
         info.channel_names.join(", "),
         norm.join(", "),
         info.labels.len(),
-        info.labels.join(", "),
+        info.labels.iter().map(|l| Value::String(l.clone()).to_string()).collect::<Vec<_>>().join(", "),
     );
     for c in &info.cases {
         let case = abs_out.join(format!("{}.zarr", c.name));

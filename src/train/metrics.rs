@@ -181,6 +181,8 @@ pub fn ema(previous: Option<f64>, value: f64) -> Option<f64> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TargetMetrics {
     pub name: String,
+    /// The names of the classes a Dice score lists, in its order.
+    pub classes: Vec<String>,
     /// Mean over validation batches of the unweighted loss.
     pub loss: f64,
     pub score: Score,
@@ -225,8 +227,8 @@ impl Validation {
             out.push((format!("val/{}/loss", t.name), t.loss));
             match &t.score {
                 Score::Dice(d) => {
-                    for (k, v) in d.iter().enumerate() {
-                        out.push((format!("val/{}/dice_{k}", t.name), *v));
+                    for (class, v) in t.classes.iter().zip(d) {
+                        out.push((format!("val/{}/dice/{class}", t.name), *v));
                     }
                 }
                 Score::Errors { mse, mae } => {
@@ -242,6 +244,7 @@ impl Validation {
 
 struct TargetAcc {
     name: String,
+    classes: Vec<String>,
     scoring: Scoring,
     activation: Activation,
     loss_sum: f64,
@@ -261,6 +264,7 @@ impl Accumulator {
             .iter()
             .map(|t| TargetAcc {
                 name: t.name.clone(),
+                classes: t.scored_classes(),
                 scoring: Scoring::of(t),
                 activation: t.activation,
                 loss_sum: 0.0,
@@ -304,6 +308,7 @@ impl Accumulator {
                     Scoring::Regression => Score::Errors { mse: t.errors.mse(), mae: t.errors.mae() },
                 },
                 name: t.name,
+                classes: t.classes,
             })
             .collect();
         Validation { batches: self.batches, targets }

@@ -7,6 +7,7 @@ pub mod folds;
 pub mod gif;
 pub mod log;
 pub mod metrics;
+pub mod monitor;
 pub mod plan;
 pub mod tensorboard;
 pub mod trainer;

@@ -6,12 +6,14 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
 use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
 
 use super::checkpoint::{self, ModelRecord, ScheduleRecord, TrainingState};
 use super::folder::{Kind, RunFolder, Start};
 use super::gif::{self, Panel};
 use super::log::Logger;
 use super::metrics::{self, Accumulator, Decision, Score, Scoring, Validation};
+use super::monitor::{HostMemory, StepProgress};
 use super::plan::PlanReport;
 use crate::arch::Architecture;
 use crate::autograd::{Graph, ParamStore, Var};
@@ -322,8 +324,10 @@ impl Trainer {
                 g.reset_peak();
                 g.counters()
             });
-            let train =
-                self.train_epoch(data, epoch, lr).with_context(|| format!("training epoch {}", epoch + 1))?;
+            let began = Instant::now();
+            let train = self
+                .train_epoch(data, epoch, lr, &mut logger)
+                .with_context(|| format!("training epoch {}", epoch + 1))?;
             let (validation, panels) =
                 self.validate_with_panels(data).with_context(|| format!("validating epoch {}", epoch + 1))?;
             let mut improved = false;
@@ -363,6 +367,11 @@ impl Trainer {
                 ("train/skipped_steps".to_string(), train.skipped_steps as f64),
             ];
             scalars.extend(train.target_losses.iter().map(|(n, l)| (format!("train/{n}/loss"), *l)));
+            scalars.push(("train/epoch_s".to_string(), began.elapsed().as_secs_f64()));
+            if let Some(m) = HostMemory::now() {
+                scalars.push(("host/rss_mib".to_string(), m.rss as f64 / MIB));
+                scalars.push(("host/peak_rss_mib".to_string(), m.peak as f64 / MIB));
+            }
             if let Some(v) = &validation {
                 scalars.extend(v.scalars());
             }
@@ -468,9 +477,18 @@ impl Trainer {
             .collect()
     }
 
-    fn train_epoch(&mut self, data: &mut dyn BatchSource, epoch: usize, lr: f64) -> Result<TrainEpoch> {
+    fn train_epoch(
+        &mut self,
+        data: &mut dyn BatchSource,
+        epoch: usize,
+        lr: f64,
+        logger: &mut Logger,
+    ) -> Result<TrainEpoch> {
         let tr = &self.config.tr_config;
-        let (steps, accum) = (tr.max_steps_per_epoch, tr.gradient_accumulation);
+        let every = self.config.tr_setup.log_every_steps;
+        // A batch job's log gets a line where a terminal gets the bar.
+        let lines = self.progress && !std::io::stderr().is_terminal();
+        let (steps, accum, max_epoch) = (tr.max_steps_per_epoch, tr.gradient_accumulation, tr.max_epoch);
         let targets = self.config.dataset_config.targets.clone();
         let targets = &targets;
         let bar = self.bar(steps as u64, format!("epoch {}/{} lr {lr:.2e}", epoch + 1, tr.max_epoch));
@@ -532,6 +550,31 @@ impl Trainer {
                 loss_sum / (i + 1) as f64
             ));
             bar.inc(1);
+            if (i + 1) % every == 0 || i + 1 == steps {
+                let mut scalars =
+                    vec![("train/step_loss".to_string(), weighted), ("train/step_lr".to_string(), lr)];
+                let per_target: Vec<(String, f64)> =
+                    targets.iter().zip(&values).map(|(t, v)| (t.name.clone(), *v)).collect();
+                scalars.extend(per_target.iter().map(|(n, v)| (format!("train/{n}/step_loss"), *v)));
+                logger.scalars(self.state.global_step, epoch + 1, &scalars)?;
+                if lines {
+                    let line = StepProgress {
+                        epoch,
+                        max_epoch,
+                        step: i + 1,
+                        steps,
+                        loss: weighted,
+                        mean_loss: loss_sum / (i + 1) as f64,
+                        lr,
+                        patches_per_s: rate,
+                        elapsed: start.elapsed(),
+                        host: HostMemory::now(),
+                        device_peak: self.gpu.as_ref().map(|g| g.counters().peak_bytes),
+                        targets: &per_target,
+                    };
+                    println!("{line}");
+                }
+            }
         }
         bar.finish_and_clear();
         if skipped.len() > allowed {
@@ -767,8 +810,9 @@ fn describe_epoch(r: &EpochReport, max_epoch: usize) -> String {
             s += &format!("\n  val {}: loss {:.4}", t.name, t.loss);
             match &t.score {
                 Score::Dice(d) => {
-                    let d: Vec<String> = d.iter().map(|x| format!("{x:.3}")).collect();
-                    s += &format!(", dice per class [{}]", d.join(", "));
+                    let d: Vec<String> =
+                        t.classes.iter().zip(d).map(|(c, x)| format!("{c} {x:.3}")).collect();
+                    s += &format!(", dice {}", d.join(", "));
                 }
                 Score::Errors { mse, mae } => s += &format!(", mse {mse:.4}, mae {mae:.4}"),
             }
