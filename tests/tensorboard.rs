@@ -1,7 +1,9 @@
 //! TensorBoard event files: CRC32C against published vectors, the TFRecord framing and Event
 //! protobuf bytes of one record written out by hand, and a file read back record by record.
 
-use unet3d::train::tensorboard::{EventWriter, file_version_event, masked_crc32c, record, scalars_event};
+use unet3d::train::tensorboard::{
+    EventWriter, file_version_event, masked_crc32c, record, scalars_event, text_event,
+};
 
 /// TFRecord's mask, written out as its definition gives it (shifts, not the library's rotate):
 /// rotate right by 15 bits, add 0xa282ead8.
@@ -45,6 +47,26 @@ fn one_scalar_record_byte_by_byte() {
     let mut want = vec![0x09, 0, 0, 0, 0, 0, 0, 0, 0, 0x10, 0x00, 0x1A, 13];
     want.extend_from_slice(b"brain.Event:2");
     assert_eq!(version, want);
+}
+
+#[test]
+fn one_text_record_byte_by_byte() {
+    #[rustfmt::skip]
+    let want: Vec<u8> = vec![
+        0x09, 0, 0, 0, 0, 0, 0, 0, 0,       // field 1 wall_time, double 0.0
+        0x10, 0x00,                         // field 2 step 0
+        0x2A, 24,                           // field 5 summary
+        0x0A, 22,                           //   Summary.value
+        0x0A, 0x01, b't',                   //     Value.tag "t"
+        0x4A, 8,                            //     Value.metadata (field 9)
+        0x0A, 6,                            //       SummaryMetadata.plugin_data
+        0x0A, 4, b't', b'e', b'x', b't',    //         PluginData.plugin_name "text"
+        0x42, 7,                            //     Value.tensor (field 8)
+        0x08, 7,                            //       TensorProto.dtype DT_STRING
+        0x12, 0,                            //       tensor_shape: a scalar
+        0x42, 1, b'x',                      //       string_val "x"
+    ];
+    assert_eq!(text_event(0.0, 0, "t", "x"), want);
 }
 
 #[test]

@@ -158,6 +158,19 @@ fn learns_the_synthetic_task() {
         frames += 1;
     }
     assert_eq!(frames, PATCH);
+    // The TensorBoard file carries the config and the plan as text.
+    let tb = std::fs::read_dir(dir.join("tb/tiny")).unwrap().map(|e| e.unwrap().path());
+    let events: Vec<u8> = tb
+        .filter(|p| p.to_string_lossy().contains("tfevents"))
+        .flat_map(|p| std::fs::read(p).unwrap())
+        .collect();
+    let has = |s: &str| events.windows(s.len()).any(|w| w == s.as_bytes());
+    assert!(
+        has("config/settings")
+            && has("config/plan")
+            && has("\"max_steps_per_epoch\": 12")
+            && has("parameters:")
+    );
     let jsonl = std::fs::read_to_string(dir.join("tb/tiny/metrics.jsonl")).unwrap();
     // One line per epoch, and per-step scalars every log_every_steps (10) steps and at an
     // epoch's last: global steps 10, 12, 22, 24, ...

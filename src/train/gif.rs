@@ -21,6 +21,9 @@ pub struct Panel {
     pub size: [usize; 3],
     pub channels: usize,
     pub data: Vec<f32>,
+    /// The values shown as black and white (gray) or as no and full colour (|component|, from
+    /// 0); the panel's own range when None.
+    pub range: Option<[f32; 2]>,
 }
 
 impl Panel {
@@ -31,23 +34,37 @@ impl Panel {
             "GIF panel: {} values for size {size:?} x {channels}",
             data.len()
         );
-        Ok(Panel { size, channels, data })
+        Ok(Panel { size, channels, data, range: None })
     }
 
-    /// Palette indices of the whole volume. Gray panels are min-max scaled over the volume (not per
-    /// slice, so frames compare); colour panels show |component| / max |component|.
-    fn indices(&self) -> Vec<u8> {
+    /// The panel shown on `range`: a prediction on its target's, so a good one looks like it.
+    pub fn on(self, range: [f32; 2]) -> Panel {
+        Panel { range: Some(range), ..self }
+    }
+
+    /// Its own range: finite min and max (gray), or 0 and the largest |component| (colour).
+    pub fn own_range(&self) -> [f32; 2] {
         let finite = || self.data.iter().copied().filter(|v| v.is_finite());
         if self.channels == 1 {
-            let lo = finite().fold(f32::INFINITY, f32::min);
-            let hi = finite().fold(f32::NEG_INFINITY, f32::max);
+            [finite().fold(f32::INFINITY, f32::min), finite().fold(f32::NEG_INFINITY, f32::max)]
+        } else {
+            [0.0, finite().fold(0.0f32, |m, v| m.max(v.abs()))]
+        }
+    }
+
+    /// Palette indices of the whole volume. Gray panels are min-max scaled over their range (the
+    /// volume's unless given: not per slice, so frames compare); colour panels show |component| /
+    /// the range's top.
+    fn indices(&self) -> Vec<u8> {
+        let [lo, hi] = self.range.unwrap_or_else(|| self.own_range());
+        if self.channels == 1 {
             let scale = if hi > lo { (GRAYS - 1) as f32 / (hi - lo) } else { 0.0 };
             self.data
                 .iter()
                 .map(|&v| (((v - lo) * scale).round().clamp(0.0, (GRAYS - 1) as f32)) as u8)
                 .collect()
         } else {
-            let max = finite().fold(0.0f32, |m, v| m.max(v.abs()));
+            let max = hi;
             let scale = if max > 0.0 { (COLOUR_LEVELS - 1) as f32 / max } else { 0.0 };
             let level = |v: f32| ((v.abs() * scale).round().clamp(0.0, (COLOUR_LEVELS - 1) as f32)) as usize;
             self.data
@@ -123,4 +140,22 @@ pub fn encode(top: &[Panel], bottom: &[Panel]) -> Result<Vec<u8>> {
 pub fn write(path: &Path, top: &[Panel], bottom: &[Panel]) -> Result<()> {
     let bytes = encode(top, bottom).with_context(|| format!("encoding {}", path.display()))?;
     crate::tensor::io::write_atomic(path, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panel_on_another_range_scales_as_that_one() {
+        let target = Panel::new([1, 1, 3], 1, vec![0.0, 5.0, 10.0]).unwrap();
+        assert_eq!(target.indices(), [0, 64, 127]);
+        // A prediction of half the contrast: alone it looks as strong, on the target's range not.
+        let pred = Panel::new([1, 1, 3], 1, vec![2.5, 5.0, 7.5]).unwrap();
+        assert_eq!(pred.indices(), [0, 64, 127]);
+        assert_eq!(pred.on(target.own_range()).indices(), [32, 64, 95]);
+        // Colour: one unit vector along x at full colour on the range [0, 1].
+        let v = Panel::new([1, 1, 1], 3, vec![0.0, 0.0, 0.5]).unwrap().on([0.0, 1.0]);
+        assert_eq!(v.indices(), [(GRAYS + 2) as u8]);
+    }
 }

@@ -32,6 +32,12 @@ impl Logger {
         self.events.path()
     }
 
+    /// Text for TensorBoard only (the config a run resolved to); scripts read it from the
+    /// checkpoint.
+    pub fn text(&mut self, step: u64, tag: &str, text: &str) -> Result<()> {
+        self.events.text(step, tag, text)
+    }
+
     pub fn scalars(&mut self, step: u64, epoch: usize, scalars: &[(String, f64)]) -> Result<()> {
         self.events.scalars(step, scalars)?;
         // JSON has no NaN or infinity; those become null.

@@ -1,5 +1,6 @@
 //! TensorBoard event files without TensorFlow: TFRecord framing around hand-encoded `Event`
-//! protobufs (tensorflow/core/util/event.proto), scalars only. TensorBoard reads a run directory's
+//! protobufs (tensorflow/core/util/event.proto): scalars, and text for the run's config.
+//! TensorBoard reads a run directory's
 //! `events.out.tfevents.*` files in name order, so every run appends a new file.
 
 use std::fs::File;
@@ -74,6 +75,29 @@ pub fn scalars_event(wall_time: f64, step: i64, scalars: &[(String, f64)]) -> Ve
     event(wall_time, step, &rest)
 }
 
+/// A text summary as TensorBoard's text plugin reads it: `Value { tag = 1, metadata = 9:
+/// SummaryMetadata { plugin_data = 1: PluginData { plugin_name = 1: "text" } }, tensor = 8:
+/// TensorProto { dtype = 1: DT_STRING (7), tensor_shape = 2: scalar, string_val = 8 } }`. The
+/// plugin renders the string as Markdown.
+pub fn text_event(wall_time: f64, step: i64, tag: &str, text: &str) -> Vec<u8> {
+    let mut plugin = Vec::new();
+    bytes_field(&mut plugin, 1, b"text");
+    let mut metadata = Vec::new();
+    bytes_field(&mut metadata, 1, &plugin);
+    let mut tensor = vec![1 << 3, 7];
+    bytes_field(&mut tensor, 2, &[]);
+    bytes_field(&mut tensor, 8, text.as_bytes());
+    let mut value = Vec::new();
+    bytes_field(&mut value, 1, tag.as_bytes());
+    bytes_field(&mut value, 9, &metadata);
+    bytes_field(&mut value, 8, &tensor);
+    let mut summary = Vec::new();
+    bytes_field(&mut summary, 1, &value);
+    let mut rest = Vec::new();
+    bytes_field(&mut rest, 5, &summary);
+    event(wall_time, step, &rest)
+}
+
 pub fn wall_time() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
@@ -116,6 +140,10 @@ impl EventWriter {
 
     pub fn scalars(&mut self, step: u64, scalars: &[(String, f64)]) -> Result<()> {
         self.write(&scalars_event(wall_time(), step as i64, scalars))
+    }
+
+    pub fn text(&mut self, step: u64, tag: &str, text: &str) -> Result<()> {
+        self.write(&text_event(wall_time(), step as i64, tag, text))
     }
 
     fn write(&mut self, payload: &[u8]) -> Result<()> {

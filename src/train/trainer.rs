@@ -70,6 +70,8 @@ pub struct EpochReport {
     pub skipped_steps: usize,
     pub validation: Option<Validation>,
     pub ema_dice: Option<f64>,
+    /// The epoch (from 1) whose EMA is the best so far: the `_best` checkpoint's.
+    pub best_epoch: Option<usize>,
     pub checkpoint: PathBuf,
     /// What the epoch's training and validation moved and launched on a kernel device.
     pub device: Option<DeviceCounters>,
@@ -313,6 +315,13 @@ impl Trainer {
     ) -> Result<RunSummary> {
         let name = folder.name();
         let mut logger = Logger::create(&self.config.tr_setup.log_dir().join(&name))?;
+        // What this run trains, for the TensorBoard text tab: the config with its --set
+        // overrides, and the network and memory plan it resolves to.
+        let settings = Config::settings(&self.state.config_yaml, &self.state.config_sets)?;
+        let block = |text: String| format!("```\n{text}\n```");
+        let step = self.state.global_step;
+        logger.text(step, "config/settings", &block(serde_json::to_string_pretty(&settings)?))?;
+        logger.text(step, "config/plan", &block(PlanReport::new(&self.config)?.to_string()))?;
         self.state.ct_stats = data.ct_stats();
         let tr = self.config.tr_config.clone();
         let end = stop_after.map_or(tr.max_epoch, |s| s.min(tr.max_epoch));
@@ -396,6 +405,7 @@ impl Trainer {
                 skipped_steps: train.skipped_steps,
                 validation,
                 ema_dice: self.state.ema_dice,
+                best_epoch: self.state.best_epoch,
                 checkpoint: path,
                 device,
             };
@@ -765,8 +775,26 @@ fn gif_panels(
                 let p: Vec<f32> = out.data().iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect();
                 sample_panel(&Tensor::from_vec(out.dims().to_vec(), p)?)?
             }
-            Scoring::Regression => sample_panel(out)?,
+            // Vectors as inference writes them (unit length), on the unit range; values on their
+            // target's range, so a good prediction looks like its target.
+            Scoring::Regression if t.is_normals() => {
+                let c = *out.dims().last().expect("5-D");
+                let mut unit = out.data().to_vec();
+                unit.chunks_exact_mut(c).for_each(|u| {
+                    let norm = u.iter().map(|x| x * x).sum::<f32>().sqrt() + 1e-8;
+                    u.iter_mut().for_each(|x| *x /= norm);
+                });
+                sample_panel(&Tensor::from_vec(out.dims().to_vec(), unit)?)?.on([0.0, 1.0])
+            }
+            Scoring::Regression => {
+                let range = top.last().expect("the target's panel").own_range();
+                sample_panel(out)?.on(range)
+            }
         };
+        if t.is_normals() {
+            let target = top.pop().expect("the target's panel");
+            top.push(target.on([0.0, 1.0]));
+        }
         bottom.push(pred);
     }
     Ok((top, bottom))
@@ -818,7 +846,15 @@ fn describe_epoch(r: &EpochReport, max_epoch: usize) -> String {
             }
         }
         if let Some(e) = r.ema_dice {
-            s += &format!("\n  mean dice {:.3}, EMA {e:.3}", v.mean_dice());
+            // The EMA lags: after a few epochs it is mostly the first ones' Dice.
+            s += &format!(
+                "\n  mean pseudo-Dice {:.3} (validation patches); its EMA {e:.3} (0.9 old + 0.1 new from epoch 1, \
+                 as nnU-Net, so it trails the current value in short runs) picks the best checkpoint",
+                v.mean_dice()
+            );
+            if let Some(b) = r.best_epoch {
+                s += &format!(": epoch {b}");
+            }
         }
     }
     s
