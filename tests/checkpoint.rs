@@ -46,6 +46,7 @@ fn state(epochs_done: usize) -> TrainingState {
         ema_dice: Some(0.5),
         best_ema_dice: Some(0.5),
         best_epoch: Some(epochs_done),
+        best_whole_volume_dice: None,
         optimizer: None,
         schedule: Some(ScheduleRecord { schedule: LrSchedule::Cosine { max_epochs: 3 }, initial_lr: 1e-3 }),
         config_yaml: "tr_setup: {}".into(),

@@ -133,6 +133,8 @@ fn config_cases(root: &Path) -> Vec<Case> {
         ("output-type", "inference_config.output_type=uint9", "inference_config.output_type"),
         ("channels-zero", "dataset_config.targets.seg.channels=0", "dataset_config.targets.seg.channels"),
         ("loss-fn", "dataset_config.targets.seg.loss_fn=DiceLoss", "dataset_config.targets.seg.loss_fn"),
+        ("best-by", "tr_config.best_by=loss", "tr_config.best_by"),
+        ("best-by-without-every", "tr_config.best_by=whole_volume_dice", "tr_config.whole_volume_every"),
         (
             "class-names-count",
             "dataset_config.targets.seg.class_names=[background]",

@@ -42,7 +42,8 @@ fn convert_train_predict_a_nifti_folder_and_evaluate() {
         "tr_setup: {{model_name: hippo, ckpt_out_base: {ckpt:?}, tensorboard_log_dir: {tb:?}, device: cpu, \
          seed: 3, tr_val_split: 0.34}}\n\
          tr_config: {{patch_size: [16, 16, 16], batch_size: 2, max_epoch: 1, max_steps_per_epoch: 3, \
-         max_val_steps_per_epoch: 1, num_dataloader_workers: 1, initial_lr: 0.01}}\n\
+         max_val_steps_per_epoch: 1, num_dataloader_workers: 1, initial_lr: 0.01, whole_volume_every: 1, \
+         best_by: whole_volume_dice}}\n\
          model_config: {{base_features: 4, max_features: 16}}\n{dataset}",
         tb = dir.join("tb"),
     );
@@ -59,6 +60,33 @@ fn convert_train_predict_a_nifti_folder_and_evaluate() {
     assert!(log.contains("dice Anterior ") && log.contains(", Posterior "), "{log}");
     let jsonl = std::fs::read_to_string(dir.join("tb/hippo/metrics.jsonl")).unwrap();
     assert!(jsonl.contains("\"val/label/dice/Anterior\""), "{jsonl}");
+    // The epoch's whole-volume validation (whole_volume_every: 1) picks the best checkpoint and
+    // is logged, as the final one is; its model file is gone.
+    let epoch1: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(ckpt.join("validation/epoch_0001/summary_label.json")).unwrap(),
+    )
+    .unwrap();
+    let whole: Vec<serde_json::Value> = jsonl
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|l| l["scalars"]["whole/mean_dice"].is_number())
+        .collect();
+    assert_eq!(whole.len(), 2, "epoch 1 and the final validation: {jsonl}");
+    let anterior = &epoch1["mean"]["1"]["Dice"];
+    assert_eq!(&whole[0]["scalars"]["whole/label/dice/Anterior"], anterior);
+    assert!(log.contains("best checkpoint (mean whole-volume Dice"), "{log}");
+    let meta = unet3d::tensor::io::metadata(&ckpt.join("hippo_best.safetensors")).unwrap();
+    let best: unet3d::train::checkpoint::TrainingState =
+        serde_json::from_str(&meta["unet3d.training_state"]).unwrap();
+    let mean = (anterior.as_f64().unwrap() + epoch1["mean"]["2"]["Dice"].as_f64().unwrap()) / 2.0;
+    assert_eq!((best.best_epoch, best.best_whole_volume_dice), (Some(1), Some(mean)));
+    assert!(
+        !std::fs::read_dir(&ckpt).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains("whole_volume"))
+    );
     let model = ckpt.join("hippo_final.safetensors");
     assert!(model.is_file(), "the final model");
     // The final whole-volume validation of the one validation case, in evaluate's format.

@@ -2,17 +2,19 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Parser};
 
-use crate::config::{Config, ConfigArgs, Fold, LabelRule, TargetConfig, TargetKind};
+use crate::config::{BestBy, Config, ConfigArgs, Fold, LabelRule, TargetConfig, TargetKind};
 use crate::data::volume::case_name;
 use crate::device::Device;
-use crate::eval::summary::{self, CasePair, Spacing, Task};
+use crate::eval::metrics::Metric;
+use crate::eval::summary::{self, CasePair, Spacing, Summary, Task};
 use crate::tensor::io::write_atomic;
 use crate::train::data::LoaderSource;
+use crate::train::log::Logger;
 use crate::train::metrics::Score;
-use crate::train::trainer::{ConfigSource, RunSummary, Trainer};
+use crate::train::trainer::{ConfigSource, RunSummary, Trainer, WholeVolumeScores};
 
 /// Train on the config's volumes: checkpoints, GIFs and the final model go to
 /// tr_setup.ckpt_out_base, TensorBoard events and metrics.jsonl to tr_setup.tensorboard_log_dir.
@@ -58,22 +60,45 @@ pub(crate) fn train(config: Config, source: ConfigSource, overwrite: bool) -> Re
     trainer.overwrite = overwrite;
     trainer.claim_outputs()?;
     let mut data = LoaderSource::new(&config, trainer.architecture())?;
+    let val = data.validation_volumes().to_vec();
+    let tr = &config.tr_config;
+    if tr.best_by == BestBy::WholeVolumeDice && val.is_empty() {
+        bail!("tr_config.best_by = whole_volume_dice, but this fold has no validation volumes to score");
+    }
+    if tr.whole_volume_every > 0 && !val.is_empty() {
+        let (config, val) = (config.clone(), val.clone());
+        let dir = config.tr_setup.checkpoint_dir().join("validation");
+        trainer.whole_volume = Some(Box::new(move |epoch, model| {
+            let scored =
+                whole_volume_validation(&config, model, &val, &dir.join(format!("epoch_{epoch:04}")))?;
+            Ok(scores(&config.dataset_config.targets, &scored))
+        }));
+    }
     let summary = trainer.run(&mut data, None)?;
     if let Some(p) = &summary.final_model {
         println!("final model: {}", p.display());
-        let val = data.validation_volumes();
-        if config.tr_config.final_validation && config.tr_setup.fold != Fold::All && !val.is_empty() {
+        if tr.final_validation && config.tr_setup.fold != Fold::All && !val.is_empty() {
             // The model is written: a validation that fails says so without failing the run.
-            if let Err(e) = final_validation(&config, p, val) {
+            let dir = config.tr_setup.checkpoint_dir().join("validation");
+            let logged = whole_volume_validation(&config, p, &val, &dir).and_then(|scored| {
+                let s = trainer.state();
+                let scalars = scores(&config.dataset_config.targets, &scored).scalars;
+                Logger::create(&summary.log_dir)?.scalars(s.global_step, s.epochs_done, &scalars)
+            });
+            if let Err(e) = logged {
                 eprintln!("warning: the final whole-volume validation failed: {e:#}");
             }
         }
     }
     if let Some(p) = &summary.best_checkpoint {
         let s = trainer.state();
+        let (by, value) = match tr.best_by {
+            BestBy::EmaPseudoDice => ("EMA of the mean pseudo-Dice", s.best_ema_dice),
+            BestBy::WholeVolumeDice => ("mean whole-volume Dice", s.best_whole_volume_dice),
+        };
         println!(
-            "best checkpoint (EMA mean Dice {:.4}, epoch {}): {}",
-            s.best_ema_dice.unwrap_or(f64::NAN),
+            "best checkpoint ({by} {:.4}, epoch {}): {}",
+            value.unwrap_or(f64::NAN),
             s.best_epoch.unwrap_or(0),
             p.display()
         );
@@ -95,8 +120,8 @@ pub(crate) fn describe_last_validation(summary: &RunSummary, targets: &[TargetCo
     for (m, t) in v.targets.iter().zip(targets) {
         let score = match &m.score {
             Score::Dice(d) => {
-                let d: Vec<String> = d.iter().map(|x| format!("{x:.3}")).collect();
-                format!("Dice per class [{}]", d.join(", "))
+                let d: Vec<String> = m.classes.iter().zip(d).map(|(c, x)| format!("{c} {x:.3}")).collect();
+                format!("Dice {}", d.join(", "))
             }
             Score::Errors { mse, mae } => format!("MSE {mse:.4}, MAE {mae:.4}"),
         };
@@ -105,14 +130,18 @@ pub(crate) fn describe_last_validation(summary: &RunSummary, targets: &[TargetCo
     out.join("\n")
 }
 
-/// Predicts the validation volumes whole with the final model, through `unet3d infer` (the path a
-/// user runs, mirroring included), into `<checkpoint folder>/validation/<case>.zarr`, and scores
-/// each label and regression target as `unet3d evaluate` does into
-/// `validation/summary_<target>.json`. Vector targets are not scored.
-fn final_validation(config: &Config, model: &Path, volumes: &[usize]) -> Result<()> {
+/// Predicts the validation volumes whole with `model`, through `unet3d infer` (the path a user
+/// runs, mirroring included), into `dir/<case>.zarr`, and scores each label and regression target
+/// as `unet3d evaluate` does into `dir/summary_<target>.json`; returns the summaries by target
+/// index. Vector targets are not scored.
+fn whole_volume_validation(
+    config: &Config,
+    model: &Path,
+    volumes: &[usize],
+    dir: &Path,
+) -> Result<Vec<(usize, Summary)>> {
     let dc = &config.dataset_config;
-    let dir = config.tr_setup.checkpoint_dir().join("validation");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let inputs: Vec<std::path::PathBuf> = volumes
         .iter()
         .map(|&i| std::path::absolute(&dc.volume_paths[i].input))
@@ -133,7 +162,7 @@ fn final_validation(config: &Config, model: &Path, volumes: &[usize]) -> Result<
         "--input",
         &path(&list),
         "--output",
-        &path(&dir),
+        &path(dir),
         "--overwrite",
         "--set",
         "inference_config.save_probabilities=false",
@@ -143,6 +172,7 @@ fn final_validation(config: &Config, model: &Path, volumes: &[usize]) -> Result<
         "inference_config.output_targets=all",
     ];
     super::Cli::try_parse_from(argv)?.run()?;
+    let mut summaries = Vec::new();
     for (k, target) in dc.targets.iter().enumerate() {
         let task = match (TargetKind::of(target), target.label_rule()) {
             (TargetKind::Labels, Some(LabelRule::Argmax)) => {
@@ -172,6 +202,53 @@ fn final_validation(config: &Config, model: &Path, volumes: &[usize]) -> Result<
         let out = dir.join(format!("summary_{}.json", target.name));
         write_atomic(&out, &serde_json::to_vec_pretty(&scored)?)?;
         println!("{}: {}\n{}", target.name, out.display(), summary::table(&scored));
+        summaries.push((k, scored));
     }
-    Ok(())
+    Ok(summaries)
+}
+
+/// A whole-volume validation's TensorBoard scalars: per label target and class, Dice, HD95 and
+/// surface Dice (`whole/<target>/dice/<class>`); per regression target MAE and RMSE; and the
+/// mean Dice over every label target's classes (`whole/mean_dice`), which can pick the best
+/// checkpoint.
+fn scores(targets: &[TargetConfig], scored: &[(usize, Summary)]) -> WholeVolumeScores {
+    let mut scalars = Vec::new();
+    let mut dice = Vec::new();
+    for (k, s) in scored {
+        let t = &targets[*k];
+        match s.task {
+            Task::Labels { .. } => {
+                let classes = t.scored_classes();
+                let first = usize::from(t.label_rule() == Some(LabelRule::Argmax));
+                for label in &s.labels {
+                    let class =
+                        classes.get(*label as usize - first).cloned().unwrap_or_else(|| label.to_string());
+                    let mean = s.mean.get(&label.to_string());
+                    for (metric, tag) in
+                        [(Metric::Dice, "dice"), (Metric::Hd95, "hd95"), (Metric::Nsd, "nsd")]
+                    {
+                        if let Some(v) = mean.and_then(|m| m.get(&metric).copied().flatten()) {
+                            scalars.push((format!("whole/{}/{tag}/{class}", t.name), v));
+                            if metric == Metric::Dice {
+                                dice.push(v);
+                            }
+                        }
+                    }
+                }
+            }
+            Task::Regression => {
+                for (metric, tag) in [(Metric::Mae, "mae"), (Metric::Rmse, "rmse")] {
+                    let v = s.mean.get(summary::VALUES).and_then(|m| m.get(&metric).copied().flatten());
+                    if let Some(v) = v {
+                        scalars.push((format!("whole/{}/{tag}", t.name), v));
+                    }
+                }
+            }
+        }
+    }
+    let mean_dice = (!dice.is_empty()).then(|| dice.iter().sum::<f64>() / dice.len() as f64);
+    if let Some(d) = mean_dice {
+        scalars.push(("whole/mean_dice".to_string(), d));
+    }
+    WholeVolumeScores { scalars, mean_dice }
 }

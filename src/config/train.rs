@@ -182,10 +182,27 @@ pub struct TrConfig {
     /// After the last epoch, predict the validation volumes whole with the final model (the
     /// `unet3d infer` path) and score them as `unet3d evaluate` does.
     pub final_validation: bool,
+    /// Also predict and score the validation volumes whole every this many epochs (0: never),
+    /// from that epoch's checkpoint, into `validation/epoch_NNNN/`, logged as `whole/*` scalars.
+    pub whole_volume_every: usize,
+    /// What picks the `_best` checkpoint.
+    pub best_by: BestBy,
     pub num_dataloader_workers: usize,
     pub max_epoch: usize,
     pub augmentation: Augmentation,
 }
+
+/// What picks the `_best` checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BestBy {
+    /// nnU-Net's EMA of the per-epoch mean pseudo-Dice on validation patches.
+    EmaPseudoDice,
+    /// The mean whole-volume Dice of the `whole_volume_every` validations.
+    WholeVolumeDice,
+}
+
+const BEST_BY: &[(&str, BestBy)] =
+    &[("ema_pseudo_dice", BestBy::EmaPseudoDice), ("whole_volume_dice", BestBy::WholeVolumeDice)];
 
 /// tr_config keys of seed YAMLs that nothing reads.
 const TR_CONFIG_IGNORED: &[(&str, &str)] = &[
@@ -419,11 +436,18 @@ pub(crate) fn read_tr_config(mut s: Section<'_>) -> Result<TrConfig> {
             &count_from(0),
         )?,
         final_validation: s.get("final_validation", true, &boolean)?,
+        whole_volume_every: s.get("whole_volume_every", 0, &count_from(0))?,
+        best_by: s.get("best_by", BestBy::EmaPseudoDice, &choice(BEST_BY))?,
         num_dataloader_workers: s.get("num_dataloader_workers", 4, &count_from(0))?,
         max_epoch,
         augmentation: read_augmentation(s.section("augmentation")?)?,
     };
     s.finish(TR_CONFIG_IGNORED);
+    anyhow::ensure!(
+        config.best_by != BestBy::WholeVolumeDice || config.whole_volume_every > 0,
+        "tr_config.best_by = whole_volume_dice: set tr_config.whole_volume_every to the epochs between \
+         whole-volume validations (it is 0, so there are none to choose by)"
+    );
     Ok(config)
 }
 

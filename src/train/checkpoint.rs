@@ -76,6 +76,10 @@ pub struct TrainingState {
     pub ema_dice: Option<f64>,
     pub best_ema_dice: Option<f64>,
     pub best_epoch: Option<usize>,
+    /// The best mean whole-volume Dice of the periodic whole-volume validations (what picks the
+    /// best checkpoint under `tr_config.best_by: whole_volume_dice`).
+    #[serde(default)]
+    pub best_whole_volume_dice: Option<f64>,
     /// The optimizer's kind, hyperparameters and step counts ([`OptimizerState::meta`]); None
     /// before the first checkpoint.
     pub optimizer: Option<OptimizerMeta>,

@@ -17,7 +17,7 @@ use super::monitor::{HostMemory, StepProgress};
 use super::plan::PlanReport;
 use crate::arch::Architecture;
 use crate::autograd::{Graph, ParamStore, Var};
-use crate::config::{Config, OptimizerConfig, TargetConfig};
+use crate::config::{BestBy, Config, OptimizerConfig, TargetConfig};
 use crate::data::Batch;
 use crate::data::normalize::CtStats;
 use crate::device::Device;
@@ -83,6 +83,8 @@ pub struct RunSummary {
     /// Written once `max_epoch` is reached.
     pub final_model: Option<PathBuf>,
     pub best_checkpoint: Option<PathBuf>,
+    /// The run's TensorBoard and metrics.jsonl folder.
+    pub log_dir: PathBuf,
 }
 
 pub struct Trainer {
@@ -107,7 +109,21 @@ pub struct Trainer {
     folder: Option<RunFolder>,
     /// Draws progress bars (on a terminal).
     pub progress: bool,
+    /// Scores an epoch's model on whole volumes every `tr_config.whole_volume_every` epochs; the
+    /// command line sets it (prediction and evaluation live above the training layer).
+    pub whole_volume: Option<WholeVolumeCheck>,
 }
+
+/// What a whole-volume validation of one epoch found.
+pub struct WholeVolumeScores {
+    /// TensorBoard tags (`whole/...`) and values.
+    pub scalars: Vec<(String, f64)>,
+    /// The mean Dice over the label targets' classes; None without label targets.
+    pub mean_dice: Option<f64>,
+}
+
+/// Scores the model file of epoch `e` (from 1) at the path on whole validation volumes.
+pub type WholeVolumeCheck = Box<dyn FnMut(usize, &std::path::Path) -> Result<WholeVolumeScores>>;
 
 /// What a resume changes against the run that wrote checkpoint `path`: every setting written
 /// differently in the YAML and `--set`s (the checkpoint path itself aside), and an error when the
@@ -177,6 +193,7 @@ impl Trainer {
             ema_dice: None,
             best_ema_dice: None,
             best_epoch: None,
+            best_whole_volume_dice: None,
             optimizer: None,
             schedule: Some(ScheduleRecord {
                 schedule: config.tr_config.scheduler,
@@ -254,6 +271,7 @@ impl Trainer {
             overwrite: false,
             folder: None,
             progress: true,
+            whole_volume: None,
         })
     }
 
@@ -314,7 +332,8 @@ impl Trainer {
         stop_after: Option<usize>,
     ) -> Result<RunSummary> {
         let name = folder.name();
-        let mut logger = Logger::create(&self.config.tr_setup.log_dir().join(&name))?;
+        let log_dir = self.config.tr_setup.log_dir().join(&name);
+        let mut logger = Logger::create(&log_dir)?;
         // What this run trains, for the TensorBoard text tab: the config with its --set
         // overrides, and the network and memory plan it resolves to.
         let settings = Config::settings(&self.state.config_yaml, &self.state.config_sets)?;
@@ -343,6 +362,7 @@ impl Trainer {
             if let Some(v) = &validation {
                 self.state.ema_dice = metrics::ema(self.state.ema_dice, v.mean_dice());
                 if let Some(e) = self.state.ema_dice
+                    && tr.best_by == BestBy::EmaPseudoDice
                     && self.state.best_ema_dice.is_none_or(|b| e > b)
                 {
                     (self.state.best_ema_dice, self.state.best_epoch, improved) =
@@ -356,6 +376,19 @@ impl Trainer {
             let host = self.store.to_host().context("copying the parameters for the checkpoint")?;
             let opt =
                 self.optimizer.export_state().context("copying the optimizer state for the checkpoint")?;
+            let every = tr.whole_volume_every;
+            let whole = if every > 0 && (epoch + 1) % every == 0 {
+                self.whole_volume_validation(folder, epoch + 1, &host)?
+            } else {
+                None
+            };
+            if let Some(d) = whole.as_ref().and_then(|w| w.mean_dice)
+                && tr.best_by == BestBy::WholeVolumeDice
+                && self.state.best_whole_volume_dice.is_none_or(|b| d > b)
+            {
+                (self.state.best_whole_volume_dice, self.state.best_epoch, improved) =
+                    (Some(d), Some(epoch + 1), true);
+            }
             checkpoint::save(&path, &self.arch, &host, &opt, &self.state)?;
             let setup = &self.config.tr_setup;
             folder.prune(setup.checkpoints_kept, setup.resumable_checkpoints)?;
@@ -387,6 +420,7 @@ impl Trainer {
             if let Some(e) = self.state.ema_dice {
                 scalars.push(("val/ema_dice".to_string(), e));
             }
+            scalars.extend(whole.into_iter().flat_map(|w| w.scalars));
             if let Some(c) = &device {
                 scalars.extend([
                     ("device/host_to_device_mib".to_string(), c.host_to_device_bytes as f64 / MIB),
@@ -422,7 +456,32 @@ impl Trainer {
             })
             .transpose()?;
         let best = folder.path(Kind::Best);
-        Ok(RunSummary { epochs, final_model, best_checkpoint: best.exists().then_some(best) })
+        Ok(RunSummary { epochs, final_model, best_checkpoint: best.exists().then_some(best), log_dir })
+    }
+
+    /// Scores epoch `epoch`'s weights (`host`) on whole validation volumes through
+    /// [`Trainer::whole_volume`], from a model file written for it beside the checkpoints and
+    /// removed after; None (with a warning) when there is no check or it fails, which leaves the
+    /// run going.
+    fn whole_volume_validation(
+        &mut self,
+        folder: &RunFolder,
+        epoch: usize,
+        host: &ParamStore,
+    ) -> Result<Option<WholeVolumeScores>> {
+        let Some(check) = self.whole_volume.as_mut() else { return Ok(None) };
+        let model = folder.dir().join(format!(".{}_whole_volume_{epoch:04}.safetensors", folder.name()));
+        let record = ModelRecord::new(&self.arch, &self.state);
+        checkpoint::save_weights(&model, host, &record, self.state.ct_stats.as_ref())?;
+        let scores = check(epoch, &model);
+        std::fs::remove_file(&model).with_context(|| format!("removing {}", model.display()))?;
+        match scores {
+            Ok(s) => Ok(Some(s)),
+            Err(e) => {
+                eprintln!("warning: the whole-volume validation of epoch {epoch} failed: {e:#}");
+                Ok(None)
+            }
+        }
     }
 
     /// Per target, its deep-supervised loss (nnU-Net's weights over the heads) on `g`.
