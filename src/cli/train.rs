@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser};
 
-use crate::config::{BestBy, Config, ConfigArgs, Fold, LabelRule, TargetConfig, TargetKind};
+use crate::config::{BestBy, Config, ConfigArgs, FOLDS, Fold, LabelRule, TargetConfig, TargetKind};
 use crate::data::volume::case_name;
 use crate::device::Device;
 use crate::eval::metrics::Metric;
@@ -27,6 +27,10 @@ pub struct TrainArgs {
     /// accumulation, clipping and the optimizer.
     #[arg(long)]
     device: Option<Device>,
+    /// tr_setup.fold: train fold K (0-4) of the seeded 5-fold split by case, or `all` (every volume
+    /// trains and validates); outputs go to fold_K/ or fold_all/.
+    #[arg(long, value_name = "K|all", value_parser = parse_fold)]
+    fold: Option<String>,
     /// Replace the checkpoints of an earlier run of the same tr_setup.model_name instead of
     /// refusing to start.
     #[arg(long)]
@@ -44,6 +48,9 @@ impl TrainArgs {
         if let Some(d) = self.device {
             sets.push(format!("tr_setup.device={d}"));
         }
+        if let Some(f) = &self.fold {
+            sets.push(format!("tr_setup.fold={f}"));
+        }
         let parsed = Config::parse_in(&yaml, &sets, Some(&dir))
             .with_context(|| format!("config {}", path.display()))?;
         for w in &parsed.warnings {
@@ -51,6 +58,15 @@ impl TrainArgs {
         }
         train(parsed.config, ConfigSource { yaml, sets, dir: Some(dir) }, self.overwrite)?;
         Ok(())
+    }
+}
+
+/// `--fold`: a fold index below FOLDS or `all`, as tr_setup.fold takes it.
+fn parse_fold(s: &str) -> Result<String, String> {
+    match s.parse::<usize>() {
+        Ok(k) if k < FOLDS => Ok(k.to_string()),
+        _ if s == "all" => Ok(s.to_string()),
+        _ => Err(format!("a fold 0..{} or \"all\"", FOLDS - 1)),
     }
 }
 
@@ -251,4 +267,22 @@ fn scores(targets: &[TargetConfig], scored: &[(usize, Summary)]) -> WholeVolumeS
         scalars.push(("whole/mean_dice".to_string(), d));
     }
     WholeVolumeScores { scalars, mean_dice }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fold_flag_takes_an_index_below_five_or_all() {
+        assert_eq!(parse_fold("4").as_deref(), Ok("4"));
+        assert_eq!(parse_fold("all").as_deref(), Ok("all"));
+        for bad in ["5", "-1", "ALL", "fold_1"] {
+            assert_eq!(parse_fold(bad), Err("a fold 0..4 or \"all\"".to_string()), "{bad}");
+        }
+        let e = super::super::Cli::try_parse_from(["unet3d", "train", "--config", "c.yaml", "--fold", "7"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--fold") && e.contains("0..4"), "{e}");
+    }
 }
