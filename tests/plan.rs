@@ -476,3 +476,41 @@ fn training_memory_adds_up_and_bounds_the_batch() {
     assert!(arch.training_memory([100; 3], 1, 2).is_err(), "an invalid patch is refused");
     assert!(arch.training_memory([128; 3], 0, 2).is_err());
 }
+
+/// nnU-Net ResEnc's patch search and batch rule (reference-spec 3.4) on reference-spec 3.5's
+/// worked plans: Hippocampus (spacing 1, median 36 x 50 x 35, 260 cases, 3 labels) plans
+/// 40 x 56 x 40, 4 stages, batch 58; volumes of 256^3 and more shrink from 256^3 to 128^3, batch 2.
+#[test]
+fn resenc_patch_search_reproduces_the_worked_plans() {
+    use unet3d::arch::autoplan;
+    let hippo =
+        autoplan::plan(&ArchConfig::default(), 1, &one_target(3), [1.0; 3], [36.0, 50.0, 35.0], 260, 8.0)
+            .unwrap();
+    assert_eq!((hippo.patch_size, hippo.batch_size, hippo.feature_map_size), ([40, 56, 40], 58, 23_609_600));
+    assert_eq!(hippo.topology.strides, vec![[1; 3], [2; 3], [2; 3], [2; 3]]);
+    let large =
+        autoplan::plan(&ArchConfig::default(), 1, &one_target(2), [1.0; 3], [300.0; 3], 100, 8.0).unwrap();
+    assert_eq!((large.patch_size, large.batch_size, large.feature_map_size), ([128; 3], 2, 555_323_392));
+    // Twice the VRAM: a larger patch, never above the reference.
+    let more =
+        autoplan::plan(&ArchConfig::default(), 1, &one_target(2), [1.0; 3], [300.0; 3], 100, 16.0).unwrap();
+    assert!(more.patch_size.iter().product::<usize>() > 128usize.pow(3), "{:?}", more.patch_size);
+    assert!(more.feature_map_size as f64 <= more.reference);
+}
+
+/// The target spacing: the median per axis, except nnU-Net's anisotropy rule.
+#[test]
+fn target_spacing_takes_the_median_or_the_tenth_percentile_of_an_anisotropic_axis() {
+    use unet3d::arch::autoplan::target_spacing;
+    let shapes = [[100, 200, 200]; 5];
+    let iso = [[1.0, 0.8, 0.8], [1.2, 0.7, 0.7], [1.0, 0.9, 0.9], [1.4, 0.8, 0.8], [1.0, 0.8, 0.8]];
+    assert_eq!(target_spacing(&iso, &shapes).unwrap(), [1.0, 0.8, 0.8]);
+    // z 5 mm against 0.8 (over 3 x) with 40 slices against 400 voxels (under a third): the 10th
+    // percentile of z, here between 2.5 and 4 (numpy: 2.5 + 0.4 * 1.5 = 3.1).
+    let aniso = [[2.5, 0.8, 0.8], [4.0, 0.8, 0.8], [5.0, 0.8, 0.8], [5.0, 0.8, 0.8], [6.0, 0.8, 0.8]];
+    let thin = [[40, 400, 400]; 5];
+    let t = target_spacing(&aniso, &thin).unwrap();
+    assert!((t[0] - 3.1).abs() < 1e-12 && t[1..] == [0.8, 0.8], "{t:?}");
+    // As many slices as in-plane voxels: not anisotropic in voxels, the median stays.
+    assert_eq!(target_spacing(&aniso, &[[400, 400, 400]; 5]).unwrap(), [5.0, 0.8, 0.8]);
+}

@@ -253,6 +253,39 @@ fn convert_train_predict_a_nifti_folder_and_evaluate() {
     let a = &probabilities["attributes"];
     assert_eq!((&a["spacing"], &a["origin"]), (&serde_json::json!(spacing), &serde_json::json!(origin)));
 
+    // nnU-Net's fingerprint of the three cases and the plan from it: the foreground mean equals
+    // one computed here from the NIfTI files (image voxels where the label is non-zero).
+    let out = ok(unet3d(&["plan", "--config", s(&config), "--from-data"]));
+    assert!(
+        out.contains("fingerprint of 3 training volumes") && out.contains("plan (nnU-Net ResEnc rules"),
+        "{out}"
+    );
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("plan.json")).unwrap()).unwrap();
+    let (mut sum, mut n) = (0.0f64, 0usize);
+    for case in CASES {
+        let image = nifti::read(&images.join(format!("{case}.nii.gz"))).unwrap();
+        let label = nifti::read(&refs.join(format!("{case}.nii.gz"))).unwrap().data;
+        for (x, l) in image.data.iter().zip(&label) {
+            if *l > 0.0 {
+                sum += f64::from(*x);
+                n += 1;
+            }
+        }
+        let fp = plan["fingerprint"]["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["volume"] == format!("{case}.zarr"));
+        let fp = fp.unwrap_or_else(|| panic!("{case} in {plan}"));
+        assert_eq!(fp["shape"], serde_json::json!(image.header.shape), "{case}");
+        assert_eq!(fp["spacing"], serde_json::json!(image.header.spacing), "{case}");
+    }
+    let mean = plan["fingerprint"]["foreground_intensities"][0]["mean"].as_f64().unwrap();
+    assert!((mean - sum / n as f64).abs() < 1e-9 * mean.abs(), "{mean} vs {}", sum / n as f64);
+    let patch: Vec<usize> = serde_json::from_value(plan["plan"]["patch_size"].clone()).unwrap();
+    assert!(patch.iter().all(|p| p % 8 == 0), "three poolings per axis at hippocampus sizes: {patch:?}");
+
     // The output folder refuses files it did not write; a folder with a stray file names it.
     let foreign = dir.join("foreign");
     std::fs::create_dir_all(foreign.join("label")).unwrap();

@@ -2,6 +2,7 @@
 //! U-Net (spec), nnU-Net's topology rules (plan), its parameter names and shapes (params), and how
 //! much memory training it takes (size). Below the layers: nn builds what this describes.
 
+pub mod autoplan;
 pub mod params;
 pub mod plan;
 pub mod size;

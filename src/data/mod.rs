@@ -8,6 +8,7 @@ pub mod convert;
 pub mod dataset;
 pub mod dilate;
 pub mod example;
+pub mod fingerprint;
 pub mod finite;
 pub mod loader;
 pub mod nifti;
