@@ -285,6 +285,32 @@ fn convert_train_predict_a_nifti_folder_and_evaluate() {
     assert!((mean - sum / n as f64).abs() < 1e-9 * mean.abs(), "{mean} vs {}", sum / n as f64);
     let patch: Vec<usize> = serde_json::from_value(plan["plan"]["patch_size"].clone()).unwrap();
     assert!(patch.iter().all(|p| p % 8 == 0), "three poolings per axis at hippocampus sizes: {patch:?}");
+    // `auto` sizes: train plans them and records the plan as --sets in its models.
+    let auto = [
+        "--set",
+        "tr_config.patch_size=auto",
+        "--set",
+        "tr_config.batch_size=auto",
+        "--set",
+        "tr_setup.model_name=auto",
+        "--set",
+        "tr_config.final_validation=false",
+        "--set",
+        "tr_config.whole_volume_every=0",
+        "--set",
+        "tr_config.best_by=ema_pseudo_dice",
+        "--set",
+        "tr_config.max_steps_per_epoch=1",
+    ];
+    let log = ok(unet3d(&[&["train", "--config", s(&config)][..], &auto].concat()));
+    let [p0, p1, p2] = [patch[0], patch[1], patch[2]];
+    let want = format!("tr_config.patch_size=[{p0},{p1},{p2}]");
+    assert!(log.contains(&format!("auto sizes planned from the data: --set {want}")), "{log}");
+    let meta = unet3d::tensor::io::metadata(&ckpt.join("auto_final.safetensors")).unwrap();
+    let record: serde_json::Value = serde_json::from_str(&meta["unet3d.model"]).unwrap();
+    let sets: Vec<String> = serde_json::from_value(record["config_sets"].clone()).unwrap();
+    let batch = plan["plan"]["batch_size"].as_u64().unwrap();
+    assert!(sets.contains(&want) && sets.contains(&format!("tr_config.batch_size={batch}")), "{sets:?}");
 
     // The output folder refuses files it did not write; a folder with a stray file names it.
     let foreign = dir.join("foreign");

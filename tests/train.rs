@@ -367,6 +367,14 @@ fn a_mismatched_checkpoint_is_refused_before_training() {
 }
 
 #[test]
+fn auto_sizes_are_refused_until_planned() {
+    let dir = scratch_dir("auto");
+    let y = yaml(&dir, "max_epoch: 1");
+    let e = format!("{:#}", trainer(&y, &["tr_config.patch_size=auto"]).err().expect("refused"));
+    assert!(e.contains("auto") && e.contains("plan"), "{e}");
+}
+
+#[test]
 fn refuses_what_it_cannot_run() {
     let dir = scratch_dir("refuse");
     let y = yaml(&dir, "max_epoch: 1");

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use signal_hook::consts::{SIGTERM, SIGUSR1};
@@ -227,6 +227,12 @@ impl InferArgs {
             eprintln!("warning: {w}");
         }
         let config = parsed.config;
+        // An `auto` patch is planned when training; a model records the planned one.
+        ensure!(
+            !config.tr_config.planned.patch,
+            "tr_config.patch_size is auto, which only unet3d train plans: predict with the model's own \
+             config (leave out --config) or give the planned patch (--set tr_config.patch_size=[z,y,x])"
+        );
         let device = flags.device.unwrap_or(config.tr_setup.device);
         let ic = &config.inference_config;
         let Some(input_path) = &ic.input_path else {

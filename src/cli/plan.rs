@@ -22,7 +22,8 @@ pub struct PlanArgs {
     config: ConfigArgs,
     /// Also read every training volume for nnU-Net's dataset fingerprint and plan the patch,
     /// batch and spacing from it as nnU-Net's ResEnc planner does (for tr_setup.vram_max), written
-    /// to <checkpoint folder>/plan.json.
+    /// to <checkpoint folder>/plan.json; implied by tr_config.patch_size or batch_size `auto`,
+    /// whose planned values the report then shows.
     #[arg(long)]
     from_data: bool,
 }
@@ -36,17 +37,48 @@ struct DataPlan<'a> {
 
 impl PlanArgs {
     pub fn run(self) -> Result<()> {
-        let config = self.config.load()?;
+        let mut config = self.config.load()?;
+        let planned = if self.from_data || config.tr_config.planned.any() {
+            let sets = planned_sets(&config)?;
+            if !sets.is_empty() {
+                let all = [self.config.set.clone(), sets].concat();
+                config = Config::load(&self.config.config, &all)?.config;
+            }
+            true
+        } else {
+            false
+        };
         let report = PlanReport::new(&config)?;
-        print!("{report}");
-        if self.from_data {
-            plan_from_data(&config)?;
+        if planned {
+            println!();
         }
+        print!("{report}");
         report.check()
     }
 }
 
-fn plan_from_data(config: &Config) -> Result<()> {
+/// Plans from the data and returns the `--set`s that put the plan in place of the config's
+/// `auto` sizes (none when it has none): the patch with the spacing it was planned for, and the
+/// batch.
+pub(crate) fn planned_sets(config: &Config) -> Result<Vec<String>> {
+    let plan = plan_from_data(config)?;
+    let planned = config.tr_config.planned;
+    let mut sets = Vec::new();
+    if planned.patch {
+        let ([p0, p1, p2], [s0, s1, s2]) = (plan.patch_size, plan.spacing);
+        sets.push(format!("tr_config.patch_size=[{p0},{p1},{p2}]"));
+        sets.push(format!("model_config.spacing=[{s0},{s1},{s2}]"));
+    }
+    if planned.batch {
+        sets.push(format!("tr_config.batch_size={}", plan.batch_size));
+    }
+    if !sets.is_empty() {
+        println!("auto sizes planned from the data: --set {}", sets.join(" --set "));
+    }
+    Ok(sets)
+}
+
+fn plan_from_data(config: &Config) -> Result<Plan> {
     let dc = &config.dataset_config;
     let fingerprint = Fingerprint::of(dc)?;
     let (spacings, shapes) = fingerprint.spacings_and_shapes();
@@ -103,5 +135,5 @@ fn plan_from_data(config: &Config) -> Result<()> {
     let path = dir.join("plan.json");
     write_atomic(&path, &serde_json::to_vec_pretty(&DataPlan { fingerprint: &fingerprint, plan: &plan })?)?;
     println!("written to {}", path.display());
-    Ok(())
+    Ok(plan)
 }

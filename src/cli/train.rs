@@ -51,8 +51,15 @@ impl TrainArgs {
         if let Some(f) = &self.fold {
             sets.push(format!("tr_setup.fold={f}"));
         }
-        let parsed = Config::parse_in(&yaml, &sets, Some(&dir))
+        let mut parsed = Config::parse_in(&yaml, &sets, Some(&dir))
             .with_context(|| format!("config {}", path.display()))?;
+        // `auto` sizes: planned from the data, then in the config as --sets, which the
+        // checkpoints record (so a resume and `infer` see the planned values).
+        if parsed.config.tr_config.planned.any() {
+            sets.extend(super::plan::planned_sets(&parsed.config)?);
+            parsed = Config::parse_in(&yaml, &sets, Some(&dir))
+                .with_context(|| format!("config {} with the planned sizes", path.display()))?;
+        }
         for w in &parsed.warnings {
             eprintln!("warning: {w}");
         }

@@ -26,7 +26,7 @@ pub use dataset::{
     VolumePaths,
 };
 pub use inference::{InferenceConfig, OutputType};
-pub use train::{Augmentation, BestBy, FOLDS, Fold, OptimizerConfig, TrConfig, TrSetup};
+pub use train::{Augmentation, BestBy, FOLDS, Fold, OptimizerConfig, Planned, TrConfig, TrSetup};
 
 use crate::arch::{ArchConfig, Architecture, Target};
 use reader::{Ctx, Section};

@@ -176,6 +176,10 @@ pub struct TrConfig {
     /// (z, y, x).
     pub patch_size: [usize; 3],
     pub batch_size: usize,
+    /// What `auto` asks to plan from the data (`unet3d plan --from-data`, docs/planning.md):
+    /// `unet3d train` plans them and reads the config again with the plan as `--set`s, which its
+    /// checkpoints record. Until then `patch_size` and `batch_size` hold their defaults.
+    pub planned: Planned,
     pub gradient_accumulation: usize,
     pub max_steps_per_epoch: usize,
     pub max_val_steps_per_epoch: usize,
@@ -190,6 +194,29 @@ pub struct TrConfig {
     pub num_dataloader_workers: usize,
     pub max_epoch: usize,
     pub augmentation: Augmentation,
+}
+
+/// The `tr_config` sizes given as `auto`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Planned {
+    /// `patch_size: auto`: the patch and `model_config.spacing` from the plan.
+    pub patch: bool,
+    /// `batch_size: auto`: the batch from the plan.
+    pub batch: bool,
+}
+
+impl Planned {
+    pub fn any(&self) -> bool {
+        self.patch || self.batch
+    }
+}
+
+/// `value`, or None for the string `auto`.
+fn or_auto<T>(check: impl Fn(&Node) -> Result<T, String>) -> impl Fn(&Node) -> Result<Option<T>, String> {
+    move |n| match n {
+        Node::Str(a) if a == "auto" => Ok(None),
+        n => check(n).map(Some).map_err(|e| format!("{e}, or \"auto\" (planned from the data)")),
+    }
 }
 
 /// What picks the `_best` checkpoint.
@@ -355,6 +382,8 @@ const NNUNET_RECIPE: Recipe = Recipe {
 
 /// Reads `tr_config`.
 pub(crate) fn read_tr_config(mut s: Section<'_>) -> Result<TrConfig> {
+    let patch = s.get("patch_size", Some([192; 3]), &or_auto(size3))?;
+    let batch = s.get("batch_size", Some(2), &or_auto(count_from(1)))?;
     let recipe = s.get("recipe", &SEED_RECIPE, &choice(RECIPES))?;
     let optimizer = s.get("optimizer", recipe.optimizer, &choice(OPTIMIZERS))?;
     let lr = s.get("initial_lr", recipe.initial_lr, &positive)?;
@@ -426,8 +455,9 @@ pub(crate) fn read_tr_config(mut s: Section<'_>) -> Result<TrConfig> {
         scheduler,
         grad_clip_max_norm,
         max_skipped_fraction: s.get("max_skipped_fraction", 0.1, &probability)?,
-        patch_size: s.get("patch_size", [192; 3], &size3)?,
-        batch_size: s.get("batch_size", 2, &count_from(1))?,
+        patch_size: patch.unwrap_or([192; 3]),
+        batch_size: batch.unwrap_or(2),
+        planned: Planned { patch: patch.is_none(), batch: batch.is_none() },
         gradient_accumulation: s.get("gradient_accumulation", 1, &count_from(1))?,
         max_steps_per_epoch: s.get("max_steps_per_epoch", recipe.max_steps_per_epoch, &count_from(1))?,
         max_val_steps_per_epoch: s.get(

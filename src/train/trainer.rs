@@ -178,6 +178,11 @@ impl Trainer {
     pub fn new(config: Config, source: ConfigSource) -> Result<Trainer> {
         let setup = &config.tr_setup;
         let gpu = setup.device.gpu().with_context(|| format!("tr_setup.device {}", setup.device))?;
+        ensure!(
+            !config.tr_config.planned.any(),
+            "tr_config.patch_size or batch_size is auto: plan them from the data first (unet3d train does, \
+             and unet3d plan --from-data shows the plan)"
+        );
         let plan = PlanReport::new(&config)?;
         println!("training memory ({}): {}", plan.optimizer, plan.memory);
         plan.check().context("refusing to train")?;
