@@ -26,6 +26,8 @@ pub struct PlanArgs {
     /// whose planned values the report then shows.
     #[arg(long)]
     from_data: bool,
+    #[command(flatten)]
+    threads: super::ThreadArgs,
 }
 
 /// What `--from-data` writes.
@@ -37,6 +39,7 @@ struct DataPlan<'a> {
 
 impl PlanArgs {
     pub fn run(self) -> Result<()> {
+        self.threads.apply()?;
         let mut config = self.config.load()?;
         let planned = if self.from_data || config.tr_config.planned.any() {
             let sets = planned_sets(&config)?;
