@@ -57,7 +57,7 @@ fn convert_train_predict_a_nifti_folder_and_evaluate() {
     );
     // Metrics name the dataset's classes (convert wrote its labels as class_names).
     assert!(dataset.contains(r#"class_names: ["background", "Anterior", "Posterior"]"#), "{dataset}");
-    assert!(log.contains("dice Anterior ") && log.contains(", Posterior "), "{log}");
+    assert!(log.contains("Dice Anterior ") && log.contains(", Posterior "), "{log}");
     let jsonl = std::fs::read_to_string(dir.join("tb/hippo/metrics.jsonl")).unwrap();
     assert!(jsonl.contains("\"val/label/dice/Anterior\""), "{jsonl}");
     // The epoch's whole-volume validation (whole_volume_every: 1) picks the best checkpoint and

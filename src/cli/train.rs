@@ -13,7 +13,6 @@ use crate::eval::summary::{self, CasePair, Spacing, Summary, Task};
 use crate::tensor::io::write_atomic;
 use crate::train::data::LoaderSource;
 use crate::train::log::Logger;
-use crate::train::metrics::Score;
 use crate::train::trainer::{ConfigSource, RunSummary, Trainer, WholeVolumeScores};
 
 /// Train on the config's volumes: checkpoints, GIFs and the final model go to
@@ -141,14 +140,7 @@ pub(crate) fn describe_last_validation(summary: &RunSummary, targets: &[TargetCo
     };
     let mut out = Vec::new();
     for (m, t) in v.targets.iter().zip(targets) {
-        let score = match &m.score {
-            Score::Dice(d) => {
-                let d: Vec<String> = m.classes.iter().zip(d).map(|(c, x)| format!("{c} {x:.3}")).collect();
-                format!("Dice {}", d.join(", "))
-            }
-            Score::Errors { mse, mae } => format!("MSE {mse:.4}, MAE {mae:.4}"),
-        };
-        out.push(format!("  {} ({}): loss {:.4}, {score}", m.name, t.loss_fn, m.loss));
+        out.push(format!("  {} ({}): loss {:.4}, {}", m.name, t.loss_fn, m.loss, m.score_text()));
     }
     out.join("\n")
 }

@@ -198,6 +198,21 @@ pub enum Score {
     },
 }
 
+impl TargetMetrics {
+    /// For logs: "Dice 0.912" for one class, "Dice Anterior 0.861, Posterior 0.845" for several,
+    /// "MSE 0.0123, MAE 0.0456" for a regression target.
+    pub fn score_text(&self) -> String {
+        match &self.score {
+            Score::Dice(d) if d.len() == 1 => format!("Dice {:.3}", d[0]),
+            Score::Dice(d) => {
+                let d: Vec<String> = self.classes.iter().zip(d).map(|(c, x)| format!("{c} {x:.3}")).collect();
+                format!("Dice {}", d.join(", "))
+            }
+            Score::Errors { mse, mae } => format!("MSE {mse:.4}, MAE {mae:.4}"),
+        }
+    }
+}
+
 /// What one validation pass measured.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Validation {

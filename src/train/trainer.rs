@@ -12,7 +12,7 @@ use super::checkpoint::{self, ModelRecord, ScheduleRecord, TrainingState};
 use super::folder::{Kind, RunFolder, Start};
 use super::gif::{self, Panel};
 use super::log::Logger;
-use super::metrics::{self, Accumulator, Decision, Score, Scoring, Validation};
+use super::metrics::{self, Accumulator, Decision, Scoring, Validation};
 use super::monitor::{HostMemory, StepProgress};
 use super::plan::PlanReport;
 use crate::arch::Architecture;
@@ -899,15 +899,7 @@ fn describe_epoch(r: &EpochReport, max_epoch: usize) -> String {
     }
     if let Some(v) = &r.validation {
         for t in &v.targets {
-            s += &format!("\n  val {}: loss {:.4}", t.name, t.loss);
-            match &t.score {
-                Score::Dice(d) => {
-                    let d: Vec<String> =
-                        t.classes.iter().zip(d).map(|(c, x)| format!("{c} {x:.3}")).collect();
-                    s += &format!(", dice {}", d.join(", "));
-                }
-                Score::Errors { mse, mae } => s += &format!(", mse {mse:.4}, mae {mae:.4}"),
-            }
+            s += &format!("\n  val {}: loss {:.4}, {}", t.name, t.loss, t.score_text());
         }
         if let Some(e) = r.ema_dice {
             // The EMA lags: after a few epochs it is mostly the first ones' Dice.
