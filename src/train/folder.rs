@@ -317,12 +317,12 @@ impl RunFolder {
     /// newest `resumable` of those as weights only; never touches the one it resumed from.
     pub fn prune(&self, keep: usize, resumable: usize) -> Result<()> {
         let mine = epoch_checkpoints(&self.dir, &self.model, self.run)?;
-        let theirs = |p: &Path| !self.source.as_deref().is_some_and(|s| same_file(Some(s), p));
+        let not_source = |p: &Path| !self.source.as_deref().is_some_and(|s| same_file(Some(s), p));
         let (old, kept) = mine.split_at(mine.len().saturating_sub(keep));
-        for (_, p) in old.iter().filter(|(_, p)| theirs(p)) {
+        for (_, p) in old.iter().filter(|(_, p)| not_source(p)) {
             std::fs::remove_file(p).with_context(|| format!("removing old checkpoint {}", p.display()))?;
         }
-        for (_, p) in kept[..kept.len().saturating_sub(resumable)].iter().filter(|(_, p)| theirs(p)) {
+        for (_, p) in kept[..kept.len().saturating_sub(resumable)].iter().filter(|(_, p)| not_source(p)) {
             checkpoint::strip_to_weights(p)?;
         }
         Ok(())
