@@ -66,19 +66,29 @@ impl PlanArgs {
 pub(crate) fn planned_sets(config: &Config) -> Result<Vec<String>> {
     let plan = plan_from_data(config)?;
     let planned = config.tr_config.planned;
+    let [patch, spacing, batch] = plan_sets(&plan);
     let mut sets = Vec::new();
     if planned.patch {
-        let ([p0, p1, p2], [s0, s1, s2]) = (plan.patch_size, plan.spacing);
-        sets.push(format!("tr_config.patch_size=[{p0},{p1},{p2}]"));
-        sets.push(format!("model_config.spacing=[{s0},{s1},{s2}]"));
+        sets.extend([patch, spacing]);
     }
     if planned.batch {
-        sets.push(format!("tr_config.batch_size={}", plan.batch_size));
+        sets.push(batch);
     }
     if !sets.is_empty() {
         println!("auto sizes planned from the data: --set {}", sets.join(" --set "));
     }
     Ok(sets)
+}
+
+/// The config overrides that train with `plan`: its patch, the spacing it was planned at, and its
+/// batch.
+fn plan_sets(plan: &Plan) -> [String; 3] {
+    let ([p0, p1, p2], [s0, s1, s2]) = (plan.patch_size, plan.spacing);
+    [
+        format!("tr_config.patch_size=[{p0},{p1},{p2}]"),
+        format!("model_config.spacing=[{s0},{s1},{s2}]"),
+        format!("tr_config.batch_size={}", plan.batch_size),
+    ]
 }
 
 fn plan_from_data(config: &Config) -> Result<Plan> {
@@ -126,13 +136,7 @@ fn plan_from_data(config: &Config) -> Result<Plan> {
         plan.feature_map_size,
         plan.reference
     );
-    let [p0, p1, p2] = plan.patch_size;
-    let [s0, s1, s2] = plan.spacing;
-    println!(
-        "to train with it: --set tr_config.patch_size=[{p0},{p1},{p2}] --set tr_config.batch_size={} \
-         --set model_config.spacing=[{s0},{s1},{s2}]",
-        plan.batch_size
-    );
+    println!("to train with it: --set {}", plan_sets(&plan).join(" --set "));
     let dir = config.tr_setup.checkpoint_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("plan.json");
