@@ -233,11 +233,11 @@ fn scores(targets: &[TargetConfig], scored: &[(usize, Summary)]) -> WholeVolumeS
         let t = &targets[*k];
         match s.task {
             Task::Labels { .. } => {
+                // Label k scores the k-th scored class: softmax class k, or sigmoid channel k - 1.
                 let classes = t.scored_classes();
-                let first = usize::from(t.label_rule() == Some(LabelRule::Argmax));
                 for label in &s.labels {
                     let class =
-                        classes.get(*label as usize - first).cloned().unwrap_or_else(|| label.to_string());
+                        classes.get(*label as usize - 1).cloned().unwrap_or_else(|| label.to_string());
                     let mean = s.mean.get(&label.to_string());
                     for (metric, tag) in
                         [(Metric::Dice, "dice"), (Metric::Hd95, "hd95"), (Metric::Nsd, "nsd")]
