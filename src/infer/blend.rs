@@ -17,7 +17,7 @@ use super::tiles::{Tile, TileGrid, overlap_box};
 use crate::config::{Activation, LabelRule, OutputType};
 use crate::data::VolumeArray;
 use crate::data::normalize::Normalizer;
-use crate::device::cpu::activation::{sigmoid_forward, softmax_forward};
+use crate::device::cpu::activation::{sigmoid_forward, softmax_forward, unit_rows};
 use crate::device::kernels::GpuTensor;
 use crate::device::kernels::blend::{self, WindowPart};
 use crate::device::launch::Gpu;
@@ -357,10 +357,7 @@ pub fn finish(target: &OutputTarget, logits: Vec<f32>) -> Vec<f32> {
         }
     };
     if target.vectors {
-        v.par_chunks_mut(c).for_each(|u| {
-            let norm = u.iter().map(|x| x * x).sum::<f32>().sqrt() + 1e-8;
-            u.iter_mut().for_each(|x| *x /= norm);
-        });
+        unit_rows(&mut v, c);
     }
     let scale = match target.output_type {
         OutputType::Float32 | OutputType::Float16 => return v,

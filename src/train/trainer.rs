@@ -21,6 +21,7 @@ use crate::config::{BestBy, Config, OptimizerConfig, TargetConfig};
 use crate::data::Batch;
 use crate::data::normalize::CtStats;
 use crate::device::Device;
+use crate::device::cpu::activation::unit_rows;
 use crate::device::launch::{DeviceCounters, Gpu};
 use crate::loss;
 use crate::model::{Network, apply_activation, init};
@@ -70,7 +71,7 @@ pub struct EpochReport {
     pub skipped_steps: usize,
     pub validation: Option<Validation>,
     pub ema_dice: Option<f64>,
-    /// The epoch (from 1) whose EMA is the best so far: the `_best` checkpoint's.
+    /// The `_best` checkpoint's epoch (from 1), by `tr_config.best_by`.
     pub best_epoch: Option<usize>,
     pub checkpoint: PathBuf,
     /// What the epoch's training and validation moved and launched on a kernel device.
@@ -448,7 +449,7 @@ impl Trainer {
                 checkpoint: path,
                 device,
             };
-            println!("{}", describe_epoch(&report, tr.max_epoch));
+            println!("{}", describe_epoch(&report, tr.max_epoch, tr.best_by));
             epochs.push(report);
         }
         let final_model = (self.state.epochs_done >= tr.max_epoch)
@@ -844,10 +845,7 @@ fn gif_panels(
             Scoring::Regression if t.is_normals() => {
                 let c = *out.dims().last().expect("5-D");
                 let mut unit = out.data().to_vec();
-                unit.chunks_exact_mut(c).for_each(|u| {
-                    let norm = u.iter().map(|x| x * x).sum::<f32>().sqrt() + 1e-8;
-                    u.iter_mut().for_each(|x| *x /= norm);
-                });
+                unit_rows(&mut unit, c);
                 sample_panel(&Tensor::from_vec(out.dims().to_vec(), unit)?)?.on([0.0, 1.0])
             }
             Scoring::Regression => {
@@ -882,7 +880,7 @@ pub fn describe_batch(batch: &Batch) -> String {
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-fn describe_epoch(r: &EpochReport, max_epoch: usize) -> String {
+fn describe_epoch(r: &EpochReport, max_epoch: usize, best_by: BestBy) -> String {
     let mut s = format!(
         "epoch {}/{max_epoch}: lr {:.2e}, train loss {:.4} ({}), {:.1} patches/s",
         r.epoch + 1,
@@ -905,9 +903,13 @@ fn describe_epoch(r: &EpochReport, max_epoch: usize) -> String {
             // The EMA lags: after a few epochs it is mostly the first ones' Dice.
             s += &format!(
                 "\n  mean pseudo-Dice {:.3} (validation patches); its EMA {e:.3} (0.9 old + 0.1 new from epoch 1, \
-                 as nnU-Net, so it trails the current value in short runs) picks the best checkpoint",
+                 as nnU-Net, so it trails the current value in short runs)",
                 v.mean_dice()
             );
+            s += match best_by {
+                BestBy::EmaPseudoDice => " picks the best checkpoint",
+                BestBy::WholeVolumeDice => "; the whole-volume Dice picks the best checkpoint",
+            };
             if let Some(b) = r.best_epoch {
                 s += &format!(": epoch {b}");
             }

@@ -58,6 +58,17 @@ pub fn sigmoid_backward<T: Real>(gx: &mut [T], gy: &[T], y: &[T]) {
     map2(gx, gy, y, |g, y| g * y * (T::one() - y));
 }
 
+/// Each `c`-long row scaled to unit length: vector targets (normals) as inference writes them;
+/// the 1e-8 keeps a zero row zero.
+pub fn unit_rows(v: &mut [f32], c: usize) {
+    for_units(v, c, |_, run| {
+        for u in run.chunks_exact_mut(c) {
+            let norm = u.iter().map(|x| x * x).sum::<f32>().sqrt() + 1e-8;
+            u.iter_mut().for_each(|x| *x /= norm);
+        }
+    });
+}
+
 /// Softmax over each `c`-long row (the channels of channels-last data), shifted by the row maximum
 /// so that `exp` never overflows.
 pub fn softmax_forward<T: Real>(y: &mut [T], x: &[T], c: usize) {
