@@ -127,12 +127,8 @@ pub fn plan(
 }
 
 /// numpy's default (linear) percentile of `values`.
-pub fn percentile(values: &[f64], q: f64) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let at = q / 100.0 * (v.len() - 1) as f64;
-    let (lo, hi) = (at.floor() as usize, at.ceil() as usize);
-    v[lo] + (v[hi] - v[lo]) * (at - lo as f64)
+fn percentile(values: &[f64], q: f64) -> f64 {
+    crate::device::cpu::reduce::percentile(&mut values.to_vec(), q)
 }
 
 #[cfg(test)]

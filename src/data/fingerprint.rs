@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use super::dataset::Dataset;
 use super::volume;
 use super::zarr::{ChunkCache, ZarrArray};
-use crate::arch::autoplan::percentile;
 use crate::config::DatasetConfig;
+use crate::device::cpu::reduce::percentile;
 
 /// nnU-Net pools at most this many foreground intensities over the dataset (10e7), the same
 /// share from each case.
@@ -117,14 +117,15 @@ fn stats(v: &[f64]) -> Option<IntensityStats> {
     let n = v.len() as f64;
     let mean = v.iter().sum::<f64>() / n;
     let std = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
+    let mut sorted = v.to_vec();
     Some(IntensityStats {
         mean,
-        median: percentile(v, 50.0),
+        median: percentile(&mut sorted, 50.0),
         std,
         min: v.iter().copied().fold(f64::INFINITY, f64::min),
         max: v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-        percentile_00_5: percentile(v, 0.5),
-        percentile_99_5: percentile(v, 99.5),
+        percentile_00_5: percentile(&mut sorted, 0.5),
+        percentile_99_5: percentile(&mut sorted, 99.5),
     })
 }
 

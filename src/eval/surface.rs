@@ -11,6 +11,8 @@
 
 use rayon::prelude::*;
 
+use crate::device::cpu::reduce::percentile;
+
 /// The voxels of `mask` (D, H, W row-major) with a face neighbour outside it.
 pub fn surface(mask: &[bool], shape: [usize; 3]) -> Vec<bool> {
     let [d, h, w] = shape;
@@ -181,17 +183,6 @@ fn bounding_box(a: &[bool], b: &[bool], shape: [usize; 3]) -> ([usize; 3], [usiz
         }
     }
     (lo, hi)
-}
-
-/// numpy's default percentile: linear interpolation between the order statistics.
-pub fn percentile(values: &mut [f64], q: f64) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let rank = q / 100.0 * (values.len() - 1) as f64;
-    let (i, frac) = (rank.floor() as usize, rank.fract());
-    match values.get(i + 1) {
-        Some(next) => values[i] + frac * (next - values[i]),
-        None => values[i],
-    }
 }
 
 #[cfg(test)]

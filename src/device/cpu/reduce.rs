@@ -118,6 +118,18 @@ pub fn sum_all<T: Real>(x: &[T]) -> T {
     T::c(sum_mid(x, Bcast { outer: 1, mid: x.len(), inner: 1 })[0])
 }
 
+/// numpy's default percentile (linear interpolation between the order statistics) of `values`,
+/// which it sorts.
+pub fn percentile(values: &mut [f64], q: f64) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let rank = q / 100.0 * (values.len() - 1) as f64;
+    let (i, frac) = (rank.floor() as usize, rank.fract());
+    match values.get(i + 1) {
+        Some(next) => values[i] + frac * (next - values[i]),
+        None => values[i],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
